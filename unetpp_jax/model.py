@@ -1,0 +1,206 @@
+"""UNet++ (Zhou et al., TMI 2019, arXiv 1912.05074) in Flax Linen, as UNET-ZOO's ``NestedUNet``.
+
+The nodes form the paper's grid X(i, j): i is the depth (0 = full resolution), j the column::
+
+    X(0,0)  X(0,1)  X(0,2)  X(0,3)  X(0,4)      heads final1..final4 read X(0,1)..X(0,4)
+    X(1,0)  X(1,1)  X(1,2)  X(1,3)
+    X(2,0)  X(2,1)  X(2,2)
+    X(3,0)  X(3,1)
+    X(4,0)
+
+    X(i,0) = block(maxpool(X(i-1,0)))                                  (the encoder)
+    X(i,j) = block(concat[X(i,0), ..., X(i,j-1), up(X(i+1,j-1))])     (nested dense skips)
+
+Every node is a double ``[conv3x3 -> BatchNorm -> ReLU]`` block named ``conv{i}_{j}`` and every
+head a 1x1 conv named ``final{k}`` (``final`` without deep supervision), so the parameter tree
+mirrors UNET-ZOO's ``state_dict`` keys. The model returns *logits*; UNET-ZOO puts the sigmoid
+inside the model, here :func:`probabilities` applies it, so training losses can use logits.
+
+Pruned inference (paper §III-C): at level L only the nodes with i + j <= L are computed and
+head L is the output, so each level is its own, smaller, compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unetpp_jax.layers import (
+    BN_EPSILON,
+    BN_MOMENTUM,
+    Conv,
+    Float32,
+    conv2d,
+    fold_batchnorm,
+    max_pool2x2,
+    upsample2x_align_corners,
+)
+
+Array = jax.Array
+
+WIDTHS = (32, 64, 128, 256, 512)  # UNET-ZOO nb_filter, levels 0..4
+DEPTH = 4  # deepest level; also the number of deep-supervision heads
+
+
+class ConvBlock(nn.Module):
+    """Node X(i,j): ``[conv3x3 (bias) -> BatchNorm -> ReLU] x 2`` (UNET-ZOO ``VGGBlock``).
+
+    Parameter names: ``conv1``/``bn1`` and ``conv2``/``bn2`` stand for PyTorch's
+    ``conv.0``/``conv.1`` and ``conv.3``/``conv.4``. In training mode BatchNorm uses batch
+    statistics and updates ``batch_stats``; in inference mode it is folded into the conv
+    (:func:`fold_batchnorm`) and the conv runs through ``numerics`` (fp32, fp16, int8, ...).
+    """
+
+    features: int
+    numerics: Any = Float32()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        for k in (1, 2):
+            kernel, bias = Conv(self.features, 3, name=f"conv{k}").weights(x.shape[-1])
+            bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                              epsilon=BN_EPSILON, name=f"bn{k}")
+            if train:
+                x = nn.relu(bn(conv2d(x, kernel, bias)))
+                continue
+            if self.is_initializing():  # create the BatchNorm variables
+                bn(jnp.zeros((1, 1, 1, self.features), x.dtype))
+            kernel, bias = fold_batchnorm(kernel, bias, bn.variables["params"],
+                                          bn.variables["batch_stats"])
+            x = nn.relu(self.numerics.conv(self, f"conv{k}", x, kernel, bias))
+        return x
+
+
+def grid_nodes(prune_level: int = DEPTH) -> list[tuple[int, int]]:
+    """The nodes (i, j) with i + j <= prune_level, in an order where every input comes first.
+
+    Column by column: X(i, j) needs X(i, 0..j-1) (same row, earlier columns) and X(i+1, j-1).
+    """
+    return [(i, j) for j in range(prune_level + 1) for i in range(prune_level + 1 - j)]
+
+
+class UNetPlusPlus(nn.Module):
+    """UNet++ with UNET-ZOO's widths, NHWC input (BGR, normalised to [-1, 1]), logits out.
+
+    Attributes:
+      num_classes: output channels of each head (1 for DSB2018 nuclei).
+      widths: channels of levels 0..4.
+      deep_supervision: four heads ``final1..final4`` on X(0,1..4) (UNET-ZOO forces this on
+        for UNet++); otherwise one head ``final`` on X(0,4).
+      numerics: how inference convolutions are computed (``layers.Float32`` or one of
+        ``quant.py``'s); a static choice, so each compiles to its own program.
+
+    ``__call__(x, train=False, prune_level=4)`` returns, with deep supervision, a tuple of the
+    logits of heads 1..prune_level; without, the logits of the single head. Input height and
+    width must be divisible by 16 (four 2x2 poolings, as in UNET-ZOO).
+    """
+
+    num_classes: int = 1
+    widths: Sequence[int] = WIDTHS
+    deep_supervision: bool = True
+    numerics: Any = Float32()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, prune_level: int = DEPTH):
+        if x.ndim != 4:
+            raise ValueError(f"expected NHWC input, got shape {x.shape}")
+        if x.shape[1] % 16 or x.shape[2] % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {x.shape[1:3]}")
+        if not 1 <= prune_level <= DEPTH:
+            raise ValueError(f"prune_level must be in 1..{DEPTH}, got {prune_level}")
+        if not self.deep_supervision and prune_level != DEPTH:
+            raise ValueError("pruned inference needs the deep-supervision heads; build the model "
+                             "with deep_supervision=True (a single-head model has only X(0,4)'s head)")
+        if self.is_initializing():
+            prune_level = DEPTH  # always create every variable
+
+        X: dict[tuple[int, int], Array] = {}
+        for i, j in grid_nodes(prune_level):
+            if j == 0:
+                inp = x if i == 0 else max_pool2x2(X[i - 1, 0])
+            else:
+                same_row = [X[i, k] for k in range(j)]
+                inp = jnp.concatenate(same_row + [upsample2x_align_corners(X[i + 1, j - 1])],
+                                      axis=-1)
+            X[i, j] = ConvBlock(self.widths[i], numerics=self.numerics, name=f"conv{i}_{j}")(
+                inp, train)
+
+        if self.deep_supervision:
+            heads = [(f"final{k}", X[0, k]) for k in range(1, prune_level + 1)]
+        else:
+            heads = [("final", X[0, DEPTH])]
+        outs = []
+        for name, feat in heads:
+            kernel, bias = Conv(self.num_classes, 1, name=name).weights(feat.shape[-1])
+            if train:
+                out = conv2d(feat, kernel, bias)
+            else:
+                out = self.numerics.conv(self, name, feat, kernel, bias)
+            outs.append(out.astype(jnp.float32))
+        return tuple(outs) if self.deep_supervision else outs[0]
+
+
+def probabilities(logits):
+    """Sigmoid of the logits (of one head or a tuple of heads): UNET-ZOO's in-model sigmoid."""
+    return jax.tree_util.tree_map(jax.nn.sigmoid, logits)
+
+
+def init_variables(model: UNetPlusPlus, rng: Array | int = 0, shape=(1, 96, 96, 3)) -> dict:
+    """``{'params', 'batch_stats'}`` for ``model`` (BatchNorm: scale 1, bias 0, mean 0, var 1)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    return dict(jax.jit(model.init, static_argnames=("train",))(rng, jnp.zeros(shape, jnp.float32)))
+
+
+def predict_fn(model: UNetPlusPlus, prune_level: int = DEPTH):
+    """A jitted ``f(variables, images) -> probabilities`` in inference mode at one prune level.
+
+    With deep supervision it returns a tuple of heads 1..prune_level; pick ``[-1]`` for the
+    head UNET-ZOO scores (head 4 at full depth).
+    """
+
+    @jax.jit
+    def f(variables, images):
+        return probabilities(model.apply(variables, images, train=False, prune_level=prune_level))
+
+    return f
+
+
+def count_params(params) -> int:
+    """Number of trainable parameters (BatchNorm running statistics are not parameters)."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def xla_flops(model: UNetPlusPlus, variables, shape=(1, 96, 96, 3), prune_level: int = DEPTH) -> float:
+    """FLOPs of one inference forward as counted by XLA's cost analysis (multiply-add = 2)."""
+    f = jax.jit(lambda v, x: model.apply(v, x, train=False, prune_level=prune_level))
+    compiled = f.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returns one dict per device
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def conv_macs(widths: Sequence[int] = WIDTHS, height: int = 96, width: int = 96,
+              in_channels: int = 3, num_classes: int = 1, deep_supervision: bool = True,
+              prune_level: int = DEPTH) -> int:
+    """Multiply-accumulates of the convolutions alone, counted by hand from the grid.
+
+    Independent of XLA; ignores BatchNorm, ReLU, pooling and upsampling (small next to convs).
+    """
+    total = 0
+    for i, j in grid_nodes(prune_level):
+        hw = (height >> i) * (width >> i)
+        if j == 0:
+            cin = in_channels if i == 0 else widths[i - 1]
+        else:
+            cin = j * widths[i] + widths[i + 1]
+        cout = widths[i]
+        total += hw * 9 * (cin * cout + cout * cout)
+    heads = prune_level if deep_supervision else 1
+    total += heads * height * width * widths[0] * num_classes
+    return total
