@@ -3,8 +3,8 @@
 ``load_split`` gives a :class:`Split` (uint8 BGR images, uint8 soft masks, ids, in the UNET-ZOO
 split order) from any of: the bundled 96x96 validation split (the default), a raw
 ``stage1_train`` folder or zip, a preprocessed folder in the pytorch-nested-unet / UNET-ZOO
-layout, or a built TFDS ``dsb2018`` dataset. The whole dataset is 670 images; at 96x96 it is
-18.5 MB of uint8, so it is held in memory and batched with numpy.
+layout, or a built TFDS ``dsb2018`` dataset. The whole dataset is 670 images; at 96x96 that is
+25 MB of uint8 (175 MB at 256), so a split is held in memory and batched with numpy.
 
 ``batches`` turns a split into float32 NHWC batches, ``(x/255 - 0.5)/0.5`` in BGR order as
 UNET-ZOO feeds its model (REFERENCE §3), with a per-epoch shuffle and augmentation that are pure
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import os
 import shutil
 import warnings
@@ -112,9 +113,7 @@ def _check_split_name(split: str) -> str:
 
 def bundled_path() -> Path:
     """Folder of the bundled 96x96 validation split (pytorch-nested-unet layout)."""
-    import importlib_resources
-
-    return Path(str(importlib_resources.files("unetpp_jax") / "assets" / _BUNDLE_DIR))
+    return Path(str(importlib.resources.files("unetpp_jax") / "assets" / _BUNDLE_DIR))
 
 
 def _bundled_val_ids() -> list[str]:
