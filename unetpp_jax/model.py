@@ -204,3 +204,30 @@ def conv_macs(widths: Sequence[int] = WIDTHS, height: int = 96, width: int = 96,
     heads = prune_level if deep_supervision else 1
     total += heads * height * width * widths[0] * num_classes
     return total
+
+
+def load_pretrained(path, numerics: Any = None) -> tuple[UNetPlusPlus, dict]:
+    """``(model, variables)`` from a checkpoint directory written by ``unetpp_jax.checkpoint``.
+
+    The model is rebuilt from the checkpoint's metadata (``deep_supervision``, ``widths``,
+    ``num_classes``), e.g. one converted from UNET-ZOO by ``weights_port/convert.py``;
+    ``numerics`` optionally swaps the inference arithmetic (default ``Float32()``). The variables
+    are checked against the model's own tree (``jax.eval_shape``, no compute), so a checkpoint
+    that does not fit raises ``ValueError`` here rather than failing inside ``apply``.
+    """
+    from unetpp_jax.checkpoint import check_tree, load_variables
+
+    variables, metadata = load_variables(path)
+    config = metadata.get("model")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: checkpoint metadata has no 'model' entry")
+    model = UNetPlusPlus(num_classes=int(config.get("num_classes", 1)),
+                         widths=tuple(config.get("widths", WIDTHS)),
+                         deep_supervision=bool(config.get("deep_supervision", True)),
+                         numerics=Float32() if numerics is None else numerics)
+    in_channels = int(config.get("in_channels", 3))
+    abstract = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                              jax.ShapeDtypeStruct((1, 16, 16, in_channels), jnp.float32))
+    check_tree(variables, abstract, f"{path}: variables do not fit UNetPlusPlus(deep_supervision="
+                                    f"{model.deep_supervision}, widths={model.widths})")
+    return model, variables

@@ -1,0 +1,93 @@
+"""A PyTorch twin of UNET-ZOO's ``NestedUNet``, written for the tests (PyTorch is test-only).
+
+Module names follow UNET-ZOO so that ``state_dict()`` has its keys (REFERENCE §2):
+``conv{i}_{j}.conv.{0,1,3,4}.*`` (a ``VGGBlock`` whose ``conv`` is
+``Sequential(Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU)``) and ``final1..final4``
+(or ``final``). As in UNET-ZOO the sigmoid is applied inside ``forward``; upsampling is bilinear
+x2 with ``align_corners=True``; the blocks are registered column by column, UNET-ZOO's order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WIDTHS = (32, 64, 128, 256, 512)
+
+
+class VGGBlock(nn.Module):
+    def __init__(self, in_channels: int, middle_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, middle_channels, 3, padding=1),
+            nn.BatchNorm2d(middle_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(middle_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class NestedUNet(nn.Module):
+    """NCHW in, sigmoid probabilities out: a list of heads 1..4, or one tensor without DS."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, deep_supervision: bool = True,
+                 widths=WIDTHS):
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        self.pool = nn.MaxPool2d(2, 2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.nodes = [(i, j) for j in range(5) for i in range(5 - j)]
+        for i, j in self.nodes:
+            if j == 0:
+                cin = in_channels if i == 0 else widths[i - 1]
+            else:
+                cin = j * widths[i] + widths[i + 1]
+            setattr(self, f"conv{i}_{j}", VGGBlock(cin, widths[i], widths[i]))
+        if deep_supervision:
+            for k in range(1, 5):
+                setattr(self, f"final{k}", nn.Conv2d(widths[0], num_classes, 1))
+        else:
+            self.final = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x):
+        X = {}
+        for i, j in self.nodes:
+            if j == 0:
+                inp = x if i == 0 else self.pool(X[i - 1, 0])
+            else:
+                inp = torch.cat([X[i, k] for k in range(j)] + [self.up(X[i + 1, j - 1])], 1)
+            X[i, j] = getattr(self, f"conv{i}_{j}")(inp)
+        if self.deep_supervision:
+            return [torch.sigmoid(getattr(self, f"final{k}")(X[0, k])) for k in range(1, 5)]
+        return torch.sigmoid(self.final(X[0, 4]))
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: NestedUNet, seed: int = 0, calibration_shape=(4, 3, 32, 32)):
+    """Random but realistic BatchNorm state, so eval-mode activations stay O(1).
+
+    One train-mode forward with cumulative averaging sets every running statistic to the
+    statistics of the activations it will actually see; then each is perturbed (mean shifted by
+    up to 0.2 standard deviations, variance scaled by 0.6..1.6) and the affine parameters are
+    drawn around (1, 0). The heads' logits then stay in sigmoid's sensitive range.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    model(torch.randn(calibration_shape, generator=g))
+    for m in bns:
+        m.momentum = 0.1
+        std = m.running_var.sqrt()
+        m.running_mean += 0.2 * std * (2 * torch.rand(m.num_features, generator=g) - 1)
+        m.running_var *= 0.6 + torch.rand(m.num_features, generator=g)
+        m.weight.copy_(0.7 + 0.6 * torch.rand(m.num_features, generator=g))
+        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    model.eval()
+    return model
