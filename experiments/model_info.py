@@ -25,7 +25,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model = UNetPlusPlus()
-    v = init_variables(model, shape=(1, args.size, args.size, 3))
+    v = init_variables(model)
     params = count_params(v["params"])
     params_1 = count_params(init_variables(UNetPlusPlus(deep_supervision=False))["params"])
     flops = xla_flops(model, v, (1, args.size, args.size, 3))

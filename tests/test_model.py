@@ -58,7 +58,7 @@ def test_output_shapes_every_prune_level(model_and_vars, hw):
         assert isinstance(out, tuple) and len(out) == level
         assert all(o.shape == (2, *hw, 1) and o.dtype == jnp.float32 for o in out)
     single = UNetPlusPlus(deep_supervision=False)
-    sv = init_variables(single, shape=(1, *hw, 3))
+    sv = init_variables(single)
     assert jitted_apply(single)(sv, x).shape == (2, *hw, 1)
 
 
