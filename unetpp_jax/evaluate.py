@@ -68,3 +68,102 @@ def evaluate_split(model, variables, split: Split, *, batch_size: int = 16,
                           prune_level=prune_level, progress=progress)
     return score_heads(probs, split.masks)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Precisions and the reference table
+
+REFERENCE_ROWS = (  # REFERENCE §1: the vendor model-zoo card, 3x96x96
+    ("UNET-ZOO (PyTorch)", "fp32", 84.164),
+    ("vendor fp16", "fp16", 83.179),
+    ("vendor int8, kl_divergence", "int8", 83.052),
+)
+CARD_GFLOPS = 10.897
+CARD_PARAMS_M = 9.163
+
+
+@dataclass
+class PrecisionResult:
+    """One precision's evaluation; ``miou``/``dice`` are of the scored head (default: last)."""
+
+    precision: str
+    miou: float
+    miou_per_head: list[float]
+    dice: float
+    dice_per_head: list[float]
+    n_images: int
+    checkpoint: str
+    calibration: dict | None
+    seconds: float  # prediction of the split (compile included), calibration excluded
+    head: int  # 1-based index of the head ``miou`` refers to
+    probs: np.ndarray | None = None  # (heads, N, H, W), kept for overlays; not in to_json
+
+    def to_json(self) -> dict:
+        return {"precision": self.precision, "miou": round(self.miou, 4),
+                "miou_per_head": [round(m, 4) for m in self.miou_per_head],
+                "dice": round(self.dice, 4), "head": self.head, "n_images": self.n_images,
+                "checkpoint": self.checkpoint, "calibration": self.calibration,
+                "seconds": round(self.seconds, 3)}
+
+
+def evaluate_precision(model, variables, split: Split, precision: str, *, head: int | None = None,
+                       calibration=None, checkpoint: str = "", batch_size: int = 16,
+                       progress: bool = False, skip_first_conv: bool = False,
+                       requantize_concat_inputs: bool = False) -> PrecisionResult:
+    """Evaluate ``split`` at ``precision`` (``fp32``, ``fp16`` or ``int8``; int8 needs the
+    :class:`unetpp_jax.quant.Calibration`) and score every head."""
+    import time
+
+    from unetpp_jax import quant
+
+    qmodel = quant.quantized_model(model, precision, skip_first_conv=skip_first_conv,
+                                   requantize_concat_inputs=requantize_concat_inputs)
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError("int8 evaluation needs a calibration (unetpp_jax.quant.calibrate)")
+        variables = calibration.attach(variables)
+    t0 = time.perf_counter()
+    probs = predict_split(qmodel, variables, split.images, batch_size=batch_size,
+                          progress=progress, desc=f"eval {precision}")
+    seconds = time.perf_counter() - t0
+    scores = score_heads(probs, split.masks)
+    n_heads = len(scores.miou_per_head)
+    head = n_heads if head is None else head
+    if not 1 <= head <= n_heads:
+        raise ValueError(f"head {head} does not exist: the model has {n_heads} head(s)")
+    calib = None
+    if calibration is not None and precision == "int8":
+        calib = {"method": calibration.method, "num_images": calibration.num_images,
+                 "seconds": round(calibration.seconds, 3), "skip_first_conv": skip_first_conv,
+                 "requantize_concat_inputs": requantize_concat_inputs}
+    return PrecisionResult(precision, scores.miou_per_head[head - 1], scores.miou_per_head,
+                           scores.dice_per_head[head - 1], scores.dice_per_head, len(split),
+                           checkpoint, calib, seconds, head, probs)
+
+
+def format_table(results: list[PrecisionResult], *, flops_g: float, params_m: float,
+                 shape: str = "3x96x96", per_head: bool = False) -> str:
+    """The card's table (Model, Code Source, FLOPs, Params, MIoU, Shape) with our rows, the
+    reference rows and the deltas to the reference row of the same precision."""
+    ref = {p: (src, m) for src, p, m in REFERENCE_ROWS}
+    lines = ["| Model | Code Source | FLOPs (G) | Params (M) | MIoU | Shape | vs reference |",
+             "|---|---|---|---|---|---|---|"]
+    for src, _, m in REFERENCE_ROWS:
+        flops = f"{CARD_GFLOPS:.3f}" if src.startswith("UNET") else "-"
+        params = f"{CARD_PARAMS_M:.3f}" if src.startswith("UNET") else "-"
+        lines.append(f"| UnetPP | {src} | {flops} | {params} | {m:.3f} | {shape} | reference |")
+    for r in results:
+        src = f"unetpp-jax {r.precision}" + (f" ({r.calibration['method']})" if r.calibration else "")
+        if r.head != len(r.miou_per_head):
+            src += f", head {r.head}"
+        delta = f"{r.miou - ref[r.precision][1]:+.3f}"
+        lines.append(f"| UnetPP | {src} | {flops_g:.3f} | {params_m:.3f} | {r.miou:.3f} | {shape} "
+                     f"| {delta} |")
+    if per_head:
+        n = len(results[0].miou_per_head)
+        lines += ["", "| precision | " + " | ".join(f"head {k + 1} X(0,{k + 1})" for k in range(n))
+                  + " |", "|---|" + "---|" * n]
+        for r in results:
+            lines.append(f"| {r.precision} | " + " | ".join(f"{m:.3f}" for m in r.miou_per_head)
+                         + " |")
+    return "\n".join(lines)

@@ -212,6 +212,12 @@ def conv_macs(widths: Sequence[int] = WIDTHS, height: int = 96, width: int = 96,
     return total
 
 
+def model_metadata(model: UNetPlusPlus) -> dict:
+    """The ``'model'`` entry a checkpoint records, from which :func:`load_pretrained` rebuilds it."""
+    return {"name": "UNetPlusPlus", "deep_supervision": model.deep_supervision,
+            "widths": list(model.widths), "num_classes": model.num_classes, "in_channels": 3}
+
+
 def load_pretrained(path, numerics: Any = None) -> tuple[UNetPlusPlus, dict]:
     """``(model, variables)`` from a checkpoint directory written by ``unetpp_jax.checkpoint``.
 

@@ -393,3 +393,21 @@ def load_best(workdir) -> tuple[UNetPlusPlus, dict]:
     if mngr.latest_step() is None:
         raise FileNotFoundError(f"no best checkpoint in {workdir / 'checkpoints' / 'best'}")
     return model, dict(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
+
+
+def export_best(workdir, out, *, force: bool = False) -> Path:
+    """Write a run's best checkpoint as a standalone checkpoint directory (what evaluation and
+    ``load_pretrained`` read), recording the training config and the best epoch's metrics."""
+    from unetpp_jax import __version__, checkpoint
+    from unetpp_jax.model import model_metadata
+
+    workdir = Path(workdir)
+    checkpoint.ensure_writable(out, force)
+    model, variables = load_best(workdir)
+    rows = _read_log(workdir / "metrics.jsonl", 10 ** 9)
+    best = max(rows, key=lambda r: r["val_miou"]) if rows else None
+    metadata = {"model": model_metadata(model),
+                "training": {"config": json.loads((workdir / "config.json").read_text()),
+                             "best_epoch": best, "epochs_logged": len(rows),
+                             "unetpp_jax_version": __version__}}
+    return checkpoint.save_variables(out, jax.device_get(variables), metadata, force=force)

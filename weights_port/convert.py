@@ -26,7 +26,7 @@ if __name__ == "__main__" and not __package__:  # run as a script path: import t
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from unetpp_jax import __version__, checkpoint  # noqa: E402
-from unetpp_jax.model import count_params  # noqa: E402
+from unetpp_jax.model import count_params, model_metadata  # noqa: E402
 from weights_port import keymap, torch_format  # noqa: E402
 
 FORMAT_NAMES = {"zip": "zip, PyTorch >= 1.6", "legacy": "legacy pickle, PyTorch < 1.6"}
@@ -70,9 +70,7 @@ def convert(src: str | Path, out: str | Path | None = None, *, force: bool = Fal
     model = conv.model
     params, stats = conv.variables["params"], conv.variables["batch_stats"]
     metadata = {
-        "model": {"name": "UNetPlusPlus", "deep_supervision": model.deep_supervision,
-                  "widths": list(model.widths), "num_classes": model.num_classes,
-                  "in_channels": 3},
+        "model": model_metadata(model),
         "source": {"file": src.name, "sha256": loaded.sha256, "size_bytes": loaded.size_bytes,
                    "format": loaded.format, "origin": "UNET-ZOO NestedUNet state_dict"},
         "conversion": {

@@ -1,0 +1,109 @@
+"""experiments.eval end to end: fp32 parity with a PyTorch twin through the converter, fp16 and
+int8 emulation on a trained model, and the error paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import eval as eval_cli
+from unetpp_jax import checkpoint, evaluate, metrics, quant
+from unetpp_jax.data.pipeline import load_split, normalize
+from unetpp_jax.model import UNetPlusPlus, init_variables, model_metadata
+from unetpp_jax.train import TrainConfig, load_best, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import synthetic_split  # noqa: E402
+
+
+def test_fp32_parity_with_pytorch_twin_through_converter(tmp_path):
+    """The table's number from our pipeline equals the metric on the twin's own outputs (0.01)."""
+    torch = pytest.importorskip("torch", reason="PyTorch (test extra) is the reference twin")
+    from torch_twin import NestedUNet, randomize_batchnorm
+
+    from weights_port.convert import convert
+
+    val = load_split()  # the bundled 134-image validation split
+    torch.manual_seed(0)
+    twin = randomize_batchnorm(NestedUNet(), seed=1)
+    x = torch.from_numpy(normalize(val.images).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        # Centre each head's logits on 0 so about half the pixels sit on each side of 0.5 and
+        # the comparison is sensitive to every numeric difference, not a constant prediction.
+        feats = twin(x[:16])
+        for k in range(1, 5):
+            head = getattr(twin, f"final{k}")
+            logit = torch.logit(feats[k - 1].clamp(1e-6, 1 - 1e-6))
+            head.bias -= logit.median()
+        probs = np.stack([p.numpy()[:, 0] for p in twin(x)])
+    expected = [100 * float(metrics.miou_foreground(p, val.masks)) for p in probs]
+    assert 5.0 < min(expected) and max(expected) < 95.0  # a non-degenerate prediction
+
+    pth = tmp_path / "unet++_8_dsb2018Cell_21.pth"
+    torch.save(twin.state_dict(), pth)
+    out = tmp_path / "ckpt"
+    convert(pth, out)
+    rc = eval_cli.main(["--checkpoint", str(out), "--precision", "fp32", "--head", "all",
+                        "--json", str(tmp_path / "r.json"), "--no-progress"])
+    assert rc == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["precision"] == "fp32" and got["n_images"] == 134 and got["head"] == 4
+    np.testing.assert_allclose(got["miou_per_head"], expected, atol=0.01)
+    assert got["miou"] == got["miou_per_head"][3]
+
+
+@pytest.fixture(scope="module")
+def trained_small(tmp_path_factory):
+    """A small UNet++ trained on synthetic nuclei until it segments them well."""
+    cfg = TrainConfig(name="evaltest", widths=(8, 16, 32, 64, 128), image_size=64, batch_size=8,
+                      epochs=7, learning_rate=5e-3, schedule="cosine", bce_weight=0.5,
+                      dice_weight=1.0, shuffle=True, augment=True, eval_batch_size=8)
+    workdir = tmp_path_factory.mktemp("run")
+    train(cfg, workdir, synthetic_split(80, 64), synthetic_split(8, 64, seed=7), progress=False)
+    model, variables = load_best(workdir)
+    return model, variables, synthetic_split(48, 64, seed=11)
+
+
+def test_fp16_and_int8_emulation_stay_close_on_a_trained_model(trained_small):
+    model, variables, split = trained_small
+    fp32 = evaluate.evaluate_precision(model, variables, split, "fp32")
+    assert fp32.miou > 70.0, fp32.miou_per_head  # the model really is trained
+    fp16 = evaluate.evaluate_precision(model, variables, split, "fp16")
+    assert float(np.abs(fp16.probs - fp32.probs).max()) < 1e-2
+    assert abs(fp16.miou - fp32.miou) < 0.1
+    assert float(np.abs(fp16.probs - fp32.probs).max()) > 0.0  # fp16 really ran in float16
+    calib = quant.calibrate(model, variables, normalize(split.images[:32]), method="kl")
+    int8 = evaluate.evaluate_precision(model, variables, split, "int8", calibration=calib)
+    assert abs(int8.miou - fp32.miou) < 1.0
+    assert float(np.abs(int8.probs - fp32.probs).max()) > 1e-3  # int8 really quantized
+    assert int8.to_json()["calibration"]["method"] == "kl"
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert eval_cli.main(["--checkpoint", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    # Metadata says full width, variables are a small model: the wrong architecture.
+    small = UNetPlusPlus(widths=(4, 8, 16, 32, 64))
+    wrong = tmp_path / "wrong"
+    checkpoint.save_variables(wrong, init_variables(small),
+                              {"model": model_metadata(UNetPlusPlus())})
+    assert eval_cli.main(["--checkpoint", str(wrong), "--no-progress"]) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+    ok = tmp_path / "ok"
+    checkpoint.save_variables(ok, init_variables(small), {"model": model_metadata(small)})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert eval_cli.main(["--checkpoint", str(ok), "--data", str(empty), "--no-progress"]) == 2
+    assert str(empty) in capsys.readouterr().err
+
+    not_ckpt = tmp_path / "random_dir"
+    not_ckpt.mkdir()
+    assert eval_cli.main(["--checkpoint", str(not_ckpt), "--no-progress"]) == 2
+    assert "weights_port/convert.py" in capsys.readouterr().err
