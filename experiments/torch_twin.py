@@ -1,4 +1,8 @@
-"""A PyTorch twin of UNET-ZOO's ``NestedUNet``, written for the tests (PyTorch is test-only).
+"""A PyTorch twin of UNET-ZOO's ``NestedUNet``: the reference for the tests and the benchmark.
+
+PyTorch is never a dependency of the package: this module imports torch at the top, so import
+it only where torch is known to be installed (the tests ``importorskip`` torch first;
+``experiments.bench`` imports it lazily, after checking that torch is importable).
 
 Module names follow UNET-ZOO so that ``state_dict()`` has its keys (REFERENCE §2):
 ``conv{i}_{j}.conv.{0,1,3,4}.*`` (a ``VGGBlock`` whose ``conv`` is
@@ -91,3 +95,31 @@ def randomize_batchnorm(model: NestedUNet, seed: int = 0, calibration_shape=(4, 
         m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
     model.eval()
     return model
+
+
+@torch.no_grad()
+def from_flax(model, variables) -> NestedUNet:
+    """A twin of the Flax ``UNetPlusPlus`` ``model`` holding its ``variables``, in eval mode.
+
+    The inverse of the converter: every key and layout comes from ``weights_port.keymap``'s
+    rules (HWIO kernels back to OIHW), so the twin and the converter cannot disagree.
+    """
+    import numpy as np
+
+    from weights_port.keymap import OIHW_TO_HWIO, abstract_variables, expected_keys
+
+    twin = NestedUNet(num_classes=model.num_classes, deep_supervision=model.deep_supervision,
+                      widths=tuple(model.widths))
+    state = {}
+    for key, target in expected_keys(abstract_variables(model)).items():
+        leaf = variables
+        for k in target.path:
+            leaf = leaf[k]
+        a = np.asarray(leaf, np.float32)
+        if target.transform is OIHW_TO_HWIO:
+            a = a.transpose(3, 2, 0, 1)
+        state[key] = torch.from_numpy(np.array(a, np.float32, order="C"))  # a writable copy
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing,
+                                                                                          unexpected)
+    return twin.eval()

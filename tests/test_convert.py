@@ -26,7 +26,7 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the twin only; the converter itself never imports torch
 
-from torch_twin import NestedUNet, randomize_batchnorm  # noqa: E402
+from experiments.torch_twin import NestedUNet, randomize_batchnorm  # noqa: E402
 
 from unetpp_jax import checkpoint  # noqa: E402
 from unetpp_jax.model import load_pretrained, predict_fn  # noqa: E402
