@@ -1,0 +1,630 @@
+"""Reduced-precision inference for UNet++: fp16 and int8 emulation, and int8 calibration.
+
+Everything here plugs into the model through its ``numerics`` hook (``layers.Numerics``): in
+inference mode every convolution -- the 30 block convs with BatchNorm already folded in
+(``layers.fold_batchnorm``) and the 1x1 heads -- is ``numerics.conv(module, name, x, kernel,
+bias)``. :func:`quantized_model` swaps that object; the topology stays written once in
+``model.py``. The usual convention of REFERENCE §6 is emulated:
+
+* **fp16** (:class:`Float16`): folded weights, bias and the conv input cast to float16,
+  accumulation in float32, output rounded back to float16. ReLU, max-pool, the align-corners
+  upsampler (its interpolation weights rounded to float16 too) and concat then run on float16
+  values; the heads' logits are cast to float32 by the model, and the sigmoid runs in float32.
+* **int8** (:class:`Int8`): weights symmetric per output channel (max |w| / 127, round to
+  nearest, clip to [-127, 127]); each conv input fake-quantized symmetrically per tensor with a
+  calibrated scale ``s``: ``clip(round(x / s), -127, 127)`` (TVM clips to +-127, not -128). The
+  convolution runs on the integer grid (integer-valued float32 operands, exactly what an int8
+  kernel multiplies; integers up to 127 are exact even under TF32) and is rescaled by
+  ``s * s_w`` per output channel; the bias stays float (an int32 bias at scale ``s * s_w`` differs
+  by ~1e-9 relative). Max-pool, upsampling, concat and sigmoid run in float.
+* **calibration** (:func:`calibrate`): the fp32 model with :class:`Record` numerics sows every
+  conv input (and every block output, for the ``requantize_concat_inputs`` option) and one
+  jitted function per pass reduces them to per-site statistics, so each batch is one compiled
+  call: pass 1 gives max |x| per site, pass 2 (histogram methods) a histogram per site over
+  that range. The threshold per site then comes from :func:`kl_threshold` (``kl``),
+  :func:`kl_threshold_trt` (``kl-trt``), :func:`percentile_threshold` or the max.
+
+Calibrated scales are *data*, not static attributes: a pytree in the variable collection
+``'quant'`` that mirrors ``params`` -- ``{'conv0_1': {'conv1_in': s, 'conv2_in': s,
+'conv2_out': s}, ..., 'final4_in': s}`` -- read by :class:`Int8` with ``module.get_variable``
+under the conv's name, so new scales never recompile the model.
+
+Concat inputs sharing a scale: a conv that follows a concat (X(i,j), j >= 1) sees the concat
+*output* as its input, and that input is quantized per tensor with one scale, so all concat
+inputs share that scale by construction. This is exactly what TVM's relay quantizer does (the
+vendor's backend is TVM-derived): conv outputs stay int32 (``nbit_activation=32``) through
+ReLU and concat, where the inputs are unified to a common int32 scale (lossless next to int8),
+and the only int8 rounding is the conv input's ``simulated_quantize`` calibrated on the concat
+result. Runtimes that store every tensor in int8 between layers (ONNX QDQ style) round twice:
+each concat input first at its own scale, then again when the concat is requantized to the
+shared scale; some TVM-derived vendor forks annotate every concat input as an 8-bit input too.
+``Int8(requantize_concat_inputs=True)`` emulates that: every block output X(i,j)
+is fake-quantized at its own calibrated scale (site ``conv2_out``), so each concat input --
+X(i,0..j-1), and up(X(i+1,j-1)) upsampled in float from int8 values -- reaches the concat on its
+own int8 grid and is then requantized to the conv input's shared scale. (Quantizing before or
+after the block's ReLU is the same: the grid is symmetric and contains 0.) One difference from
+TVM is kept on purpose: TVM quantizes a max-pool's *input* and feeds the pooled int8 values to
+the next conv at that scale, while here the encoder conv input is calibrated after the pool.
+
+Usage (``experiments/eval.py``)::
+
+    calib = quant.calibrate(model, variables, val_images[:50], method="kl")
+    m8 = quant.quantized_model(model, "int8")            # or "fp16" / "fp32"
+    probs = predict_fn(m8)(calib.attach(variables), images)   # tuple of heads 1..4
+    json_ready = calib.summary()                         # method, images, seconds, per site
+
+Not copied: TVM's default ``weight_scale='power2'`` (the vendor's ``quantize_per_channel`` and
+REFERENCE §6 say max-abs per channel, which is what is done here); TVM's rounding of exact
+.5 ties away from zero (``jnp.round`` rounds them to even; ties have measure zero for float
+activations).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unetpp_jax.layers import Float32, conv2d
+
+Array = jax.Array
+
+QUANT_COLLECTION = "quant"  # calibrated activation scales, a pytree mirroring 'params'
+RECORD_COLLECTION = "calibration_record"  # where :class:`Record` sows the activations
+INT8_MAX = 127  # symmetric int8 grid [-127, 127] (TVM's clip, TensorRT's narrow range)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+METHODS = ("kl", "kl-trt", "max", "percentile")
+
+KL_TVM_BINS = 8001  # TVM / MXNet: signed histogram over [-max|x|, max|x|]
+KL_TVM_QUANTIZED_BINS = 255
+KL_TVM_EPS = 1e-4  # smoothing of zero entries
+KL_TRT_BINS = 2048  # TensorRT / pytorch-quantization: |x| histogram over [0, max|x|]
+KL_TRT_LEVELS = 128  # 2 ** (8 - 1): signed int8
+KL_TRT_START_BIN = 128
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def site_name(conv_name: str, where: str = "in") -> str:
+    """Name of a calibration site: the input (``'conv1_in'``) or output of a conv.
+
+    Suffixed so that the ``'quant'`` variable never shares a name with the ``Conv`` submodule
+    (``conv1``, ``final1``) in the same scope.
+    """
+    return f"{conv_name}_{where}"
+
+
+def is_first_conv(module, name: str) -> bool:
+    """``conv0_0.conv1``: the conv that reads the image (TVM's ``skip_conv_layers=[0]``)."""
+    return module.name == "conv0_0" and name == "conv1"
+
+
+def is_block_output(name: str) -> bool:
+    """The second conv of a ``ConvBlock`` produces the block output X(i,j) (after its ReLU)."""
+    return name == "conv2"
+
+
+def quantize_to_grid(x: Array, scale: Array) -> Array:
+    """``clip(round(x / scale), -127, 127)``: the int8 values, kept as float32."""
+    return jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX)
+
+
+def fake_quantize(x: Array, scale: Array) -> Array:
+    """Symmetric per-tensor int8 fake quantization: the int8 grid value times the scale."""
+    return quantize_to_grid(x, scale) * scale
+
+
+def quantize_weights(kernel: Array) -> tuple[Array, Array]:
+    """Symmetric per-output-channel int8 weights of an HWIO kernel.
+
+    Returns the integer-valued kernel and the per-channel scales ``max |w| / 127`` (an
+    all-zero channel gets scale 1, which quantizes it to zeros).
+    """
+    amax = jnp.max(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(kernel.dtype)
+    return quantize_to_grid(kernel, scale), scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Float16:
+    """fp16 emulation: float16 operands, float32 accumulation, float16 result."""
+
+    def conv(self, module, name, x, kernel, bias):
+        del module, name
+        f16 = jnp.float16
+        return conv2d(x.astype(f16), kernel.astype(f16), bias.astype(f16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8:
+    """int8 emulation with calibrated per-tensor activation scales (see the module docstring).
+
+    Attributes:
+      skip_first_conv: keep ``conv0_0.conv1`` (the conv reading the image) in float, as TVM's
+        default ``skip_conv_layers=[0]`` does. Off by default: the vendor's config lists no
+        layer to keep in float (REFERENCE §6).
+      requantize_concat_inputs: also round every block output at its own scale before it
+        reaches a concat (two int8 roundings, as in an int8-everywhere runtime); off, each
+        conv input is rounded once at its shared per-tensor scale, as in TVM.
+
+    The scales are read from the ``'quant'`` collection: apply the model to
+    ``calibration.attach(variables)``.
+    """
+
+    skip_first_conv: bool = False
+    requantize_concat_inputs: bool = False
+
+    def conv(self, module, name, x, kernel, bias):
+        if self.skip_first_conv and is_first_conv(module, name):
+            return conv2d(x, kernel, bias)
+        s = _read_scale(module, site_name(name, "in"))
+        wq, ws = quantize_weights(kernel)
+        y = conv2d(quantize_to_grid(x.astype(jnp.float32), s), wq) * (s * ws) + bias
+        if self.requantize_concat_inputs and is_block_output(name):
+            y = fake_quantize(y, _read_scale(module, site_name(name, "out")))
+        return y
+
+
+def _read_scale(module, site: str) -> Array:
+    scale = module.get_variable(QUANT_COLLECTION, site)
+    if scale is None:
+        path = "/".join((*module.scope.path, site))
+        raise ValueError(
+            f"int8 numerics found no calibrated scale at '{QUANT_COLLECTION}/{path}': apply the "
+            "int8 model to calibration.attach(variables) (variables | {'quant': scales}), with "
+            "scales from quant.calibrate() on a model of the same architecture")
+    return scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """fp32 numerics that also sow each conv input (and each block output after its ReLU)
+    into the ``calibration_record`` collection, for :func:`calibrate`."""
+
+    def conv(self, module, name, x, kernel, bias):
+        module.sow(RECORD_COLLECTION, site_name(name, "in"), x)
+        y = conv2d(x, kernel, bias)
+        if is_block_output(name):
+            module.sow(RECORD_COLLECTION, site_name(name, "out"), jnp.maximum(y, 0))
+        return y
+
+
+def numerics_for(precision: str, *, skip_first_conv: bool = False,
+                 requantize_concat_inputs: bool = False):
+    """The numerics object of a precision name (``'fp32'``, ``'fp16'`` or ``'int8'``)."""
+    if precision == "fp32":
+        return Float32()
+    if precision == "fp16":
+        return Float16()
+    if precision == "int8":
+        return Int8(skip_first_conv=skip_first_conv,
+                    requantize_concat_inputs=requantize_concat_inputs)
+    raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+
+
+def quantized_model(model, precision: str, *, skip_first_conv: bool = False,
+                    requantize_concat_inputs: bool = False):
+    """``model`` with its inference convolutions computed at ``precision``.
+
+    A static choice: each precision compiles to its own program. The int8 model needs the
+    calibrated scales in its variables (``calibration.attach(variables)``).
+    """
+    return model.clone(numerics=numerics_for(
+        precision, skip_first_conv=skip_first_conv,
+        requantize_concat_inputs=requantize_concat_inputs))
+
+
+# ------------------------------------------------------------------- threshold methods
+
+
+TIE_RTOL = 1e-11  # divergences this close count as equal minima (float64 error is ~3e-12)
+
+
+def _argmin(divergence: np.ndarray, last: bool) -> int:
+    """Index of the first (TVM) or last (pytorch-quantization) minimum, where values within
+    ``TIE_RTOL`` of the minimum tie: mathematically equal candidates, summed in another order,
+    must not be told apart by rounding."""
+    tied = np.nonzero(divergence <= divergence.min() * (1 + TIE_RTOL) + 1e-15)[0]
+    return int(tied[-1] if last else tied[0])
+
+
+# Extended precision (80-bit on x86) for the sums of x log x that the divergences subtract:
+# it keeps their rounding (~1e-11 relative in float64) far below the gaps between candidates.
+_EXT = np.longdouble
+
+
+def _xlogx(v: np.ndarray) -> np.ndarray:
+    return np.where(v > 0, v * np.log(np.where(v > 0, v, 1)), 0)
+
+
+def kl_threshold(hist, edges, num_quantized_bins: int = KL_TVM_QUANTIZED_BINS,
+                 eps: float = KL_TVM_EPS) -> float:
+    """TVM relay's KL-divergence threshold of a signed histogram (see
+    :func:`tvm_kl_divergences`): the right edge ``edges[c + i + 1]`` of the candidate with the
+    smallest divergence, the first one among equal minima (``std::min_element``; equal to
+    ``TIE_RTOL``).
+
+    TVM then uses the scale ``T / 128`` and clips to [-127, 127] (``_set_params``:
+    ``valid_range = 2 ** 7``), see :func:`scale_from_threshold`.
+    """
+    stop, divergence = tvm_kl_divergences(hist, num_quantized_bins, eps)
+    if stop.size == 0:
+        return 0.0
+    return float(np.asarray(edges)[stop[_argmin(divergence, last=False)]])
+
+
+def tvm_kl_divergences(hist, num_quantized_bins: int = KL_TVM_QUANTIZED_BINS,
+                       eps: float = KL_TVM_EPS) -> tuple[np.ndarray, np.ndarray]:
+    """Every candidate of TVM's ``MinimizeKL`` (``src/relay/quantize/calibrate.cc``, adapted
+    there from MXNet's C++ calibrator): ``(edge index of its threshold, KL divergence)``.
+
+    ``hist``: integer counts in an odd number of bins (TVM: 8001) over ``[-m, m]``. Restated
+    (the code below is the same sum, vectorised over candidates): with ``c = n // 2`` the zero
+    bin, for every ``i`` from ``num_quantized_bins // 2`` (127) to ``c`` the candidate keeps
+    bins ``[c - i, c + i]`` (``L = 2i + 1`` of them) and its threshold is ``edges[c + i + 1]``:
+
+    * ``p``: the kept bins, with every bin up to and including ``c - i`` summed into ``p[0]``
+      and every bin right of ``c + i`` added to ``p[L - 1]``;
+    * ``sliced``: the kept bins with ``sliced[0] = 0`` (TVM's loop sends bin ``c - i`` to
+      ``p[0]`` only; MXNet's Python version keeps it -- this copies TVM);
+    * ``sliced`` is merged into ``num_quantized_bins`` groups of ``L // num_quantized_bins``
+      bins, the last group taking the remainder; ``q[k]`` = the group's sum / its number of
+      non-zero ``sliced`` entries, for every ``k`` with ``p[k] != 0`` (0 elsewhere, and 0 in a
+      group with no non-zero ``sliced`` entry);
+    * both are smoothed: zero entries get ``eps``, non-zero ones lose ``eps * zeros /
+      nonzeros``; an all-zero ``q`` gives divergence +inf;
+    * divergence = KL(p / sum p || q / sum q).
+
+    TVM computes in float32; this computes in float64 (extended precision for the sums that
+    cancel; ~3e-12 relative), so an argmin can only differ on near-ties. The smoothing shift of the interior non-zero bins enters through a Taylor
+    series of ``(h - e) log(h - e)`` around ``h`` (remainder below 1e-15 of each term); the
+    few candidates with a larger shift (windows almost all empty) are summed directly.
+    """
+    h = np.asarray(hist, np.float64)
+    n = h.size
+    if n % 2 == 0:
+        raise ValueError(f"the TVM KL method needs an odd number of bins (TVM: 8001), got {n}")
+    total = h.sum()
+    nq = num_quantized_bins
+    c = n // 2
+    i = np.arange(nq // 2, c + 1)
+    if total <= 0 or i.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    a, b, L = c - i, c + i + 1, 2 * i + 1
+    ch = np.concatenate([[0.0], np.cumsum(h)])
+    cn = np.concatenate([[0], np.cumsum(h != 0)])
+
+    p0 = ch[a + 1]  # bins 0..a
+    p_last = total - ch[b - 1]  # bin b-1 and the right outliers
+    s_last = h[b - 1]
+
+    # Groups of the slice: slice index k is histogram bin a + k, and slice[0] counts as 0.
+    m = L // nq
+    bounds = np.arange(nq + 1)[None, :] * m[:, None]
+    bounds[:, -1] = L
+    lo = np.maximum(bounds[:, :-1], 1) + a[:, None]
+    hi = np.maximum(bounds[:, 1:], 1) + a[:, None]
+    group_sum = ch[hi] - ch[lo]  # of `sliced`
+    norm = (cn[hi] - cn[lo]).astype(np.float64)  # non-zero `sliced` entries
+    # The same per group for p, which differs from `sliced` in its first and last entry only.
+    p_sum = group_sum.copy()
+    p_sum[:, 0] += p0
+    p_sum[:, -1] += p_last - s_last
+    p_nz = norm.copy()
+    p_nz[:, 0] += p0 != 0
+    p_nz[:, -1] += (p_last != 0).astype(np.float64) - (s_last != 0)
+
+    has_q = norm > 0
+    q_val = np.where(has_q, group_sum / np.where(has_q, norm, 1.0), 0.0)
+    q_nz = np.where(has_q, p_nz, 0.0)  # q is non-zero exactly where p is, in such groups
+    nz_p, nz_q = p_nz.sum(1), q_nz.sum(1)
+    e_p = eps * (L - nz_p) / nz_p
+    e_q = eps * (L - nz_q) / np.maximum(nz_q, 1)
+    q_sum = (q_val * q_nz).sum(1)  # smoothing keeps the sums
+
+    # sum_k p'_k log q'_k over the non-zero p (the zero ones give eps log eps - eps log eps):
+    # q' = q - e_q where q != 0, else eps.
+    weight = p_sum - e_p[:, None] * p_nz  # sum of p' per group
+    log_q = np.log(np.where(has_q, q_val - e_q[:, None], eps))
+    cross = (weight * log_q).astype(_EXT).sum(1)
+
+    # sum_k p'_k log p'_k: the two end entries directly, the interior bins a+1..b-2 through
+    # cumulative sums of the Taylor terms of (h - e) log(h - e) =
+    # h log h - e (log h + 1) + sum_{k>=2} e^k / (k (k-1) h^(k-1)).
+    ends = (np.where(p0 != 0, _xlogx(p0 - e_p), 0.0)
+            + np.where(p_last != 0, _xlogx(p_last - e_p), 0.0))
+    nz = h > 0
+    safe = np.where(nz, h, 1.0).astype(_EXT)
+    n_terms = 7
+    terms = [_xlogx(h.astype(_EXT)), np.where(nz, np.log(safe) + 1, 0)]
+    terms += [np.where(nz, safe ** (1 - k), 0.0) for k in range(2, n_terms)]
+    # Bins c-i+1..c+i-1, summed outward from the zero bin (prefix sums, no cancellation).
+    right = [np.concatenate([[0], np.cumsum(t[c:])]) for t in terms]
+    left = [np.concatenate([[0], np.cumsum(t[c - 1::-1])]) for t in terms]
+    inner = [r[i] + l_[i - 1] for r, l_ in zip(right, left)]
+    interior = inner[0] - e_p * inner[1]
+    for k in range(2, n_terms):
+        interior = interior + e_p ** k / (k * (k - 1)) * inner[k]
+    for t in np.nonzero(e_p / h[nz].min() > 1e-2)[0]:  # series too slow there: sum directly
+        w = h[a[t] + 1:b[t] - 1]
+        interior[t] = _xlogx(w[w > 0].astype(_EXT) - e_p[t]).sum()
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        divergence = (ends + interior - cross) / total + np.log(q_sum / total)
+    return b, np.where(nz_q > 0, divergence.astype(np.float64), np.inf)
+
+
+def kl_threshold_trt(hist, edges, num_levels: int = KL_TRT_LEVELS,
+                     start_bin: int = KL_TRT_START_BIN) -> float:
+    """TensorRT's entropy threshold of a |x| histogram over [0, max], as NVIDIA
+    pytorch-quantization restates it (see :func:`trt_kl_divergences`): ``edges[i]``, the right
+    edge of the last kept bin, for the candidate with the smallest divergence -- the *last*
+    (largest ``i``) among equal minima (to ``TIE_RTOL``), as there. The scale is ``T / 127``.
+    """
+    i, divergence = trt_kl_divergences(hist, num_levels, start_bin)
+    if i.size == 0:
+        return 0.0
+    return float(np.asarray(edges)[i[_argmin(divergence, last=True)]])
+
+
+def trt_kl_divergences(hist, num_levels: int = KL_TRT_LEVELS,
+                       start_bin: int = KL_TRT_START_BIN) -> tuple[np.ndarray, np.ndarray]:
+    """Every candidate of pytorch-quantization's ``_compute_amax_entropy``
+    (``calib/histogram.py``): ``(number of kept bins i, KL divergence)``.
+
+    Restated: the first bin's count is replaced by the second's (``bins[0] = bins[1]``, which
+    drops the spike of exact zeros that ReLU outputs put there); for every ``i`` from
+    ``start_bin`` (128) to the number of bins (2048):
+
+    * ``P`` = the first ``i`` bins, with the count of every bin >= ``i`` added to bin ``i - 1``;
+    * bin ``t < i`` belongs to level ``floor(t * num_levels / i)`` (``np.digitize`` on
+      ``linspace(0, i, num_levels + 1)``; 128 levels = signed int8); ``Q[t]`` = the mean count
+      of the non-empty bins of its level where bin ``t`` is non-empty, 0 where it is empty;
+    * divergence = KL(P / sum P || Q / sum Q) (scipy's ``entropy``): +inf where ``Q`` is 0 and
+      ``P`` is not; an all-zero ``Q`` (NaN there) also counts as +inf here. No smoothing.
+    """
+    bins = np.asarray(hist, np.float64).copy()
+    n = bins.size
+    if n < start_bin:
+        raise ValueError(f"need at least start_bin={start_bin} bins, got {n}")
+    bins[0] = bins[1]
+    total = bins.sum()
+    i = np.arange(start_bin, n + 1)
+    if total <= 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    cb = np.concatenate([[0.0], np.cumsum(bins)])
+    cn = np.concatenate([[0], np.cumsum(bins != 0)])
+    cx = np.concatenate([[0], np.cumsum(_xlogx(bins.astype(_EXT)))])
+
+    k = np.arange(num_levels + 1)
+    first = -((-k[None, :] * i[:, None]) // num_levels)  # first bin of level k: ceil(k i / L)
+    level_sum = cb[first[:, 1:]] - cb[first[:, :-1]]
+    level_nz = cn[first[:, 1:]] - cn[first[:, :-1]]
+    last = bins[i - 1]  # bin i-1 is always in the last level
+    below = level_sum.copy()
+    below[:, -1] -= last  # level sums over the bins t < i-1
+    mean = np.where(level_nz > 0, level_sum / np.maximum(level_nz, 1), 1.0)
+    q_sum = cb[i]
+    p_last = last + (total - cb[i])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_q = np.log(mean) - np.log(q_sum)[:, None]  # log Q per level
+        # sum_{t < i-1} bins_t (log(bins_t / total) - log Q_t), then bin i-1 with the outliers
+        cross = np.where(below > 0, below * log_q, 0).astype(_EXT).sum(1)
+        body = cx[i - 1] - np.log(_EXT(total)) * cb[i - 1] - cross
+        tail = np.where(last > 0, p_last * (np.log(p_last / total) - log_q[:, -1]), np.inf)
+        divergence = (body + np.where(p_last > 0, tail, 0.0)) / total
+    return i, np.where(q_sum > 0, divergence.astype(np.float64), np.inf)
+
+
+def percentile_threshold(hist, edges, percentile: float = 99.99) -> float:
+    """pytorch-quantization's ``_compute_amax_percentile`` on a |x| histogram: the edge
+    ``edges[j]`` at the first bin ``j`` where the cumulative fraction reaches ``percentile``%."""
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    hist = np.asarray(hist, np.float64)
+    if hist.sum() <= 0:
+        return 0.0
+    cdf = np.cumsum(hist / hist.sum())
+    return float(np.asarray(edges)[np.searchsorted(cdf, percentile / 100)])
+
+
+def scale_from_threshold(method: str, threshold: float, amax: float) -> float:
+    """The int8 scale of a site: TVM's ``T / 128`` for ``kl``, ``T / 127`` otherwise.
+
+    A site that never saw a non-zero value gets scale 1 (every value is 0 on any grid).
+    """
+    if threshold <= 0:
+        threshold = amax
+    if threshold <= 0:
+        return 1.0
+    return threshold / (128.0 if method == "kl" else float(INT8_MAX))
+
+
+def histogram_edges(kind: str, amax: float) -> np.ndarray:
+    """Bin edges of the calibration histograms: 8001 bins over [-amax, amax] (``'signed'``,
+    TVM's ``np.histogram(range=(-m, m))``) or 2048 over [0, amax] (``'abs'``)."""
+    if kind == "signed":
+        return np.linspace(-amax, amax, KL_TVM_BINS + 1)
+    return np.linspace(0.0, amax, KL_TRT_BINS + 1)
+
+
+def _histogram(x: Array, kind: str, amax: Array, valid: Array) -> Array:
+    """Counts of ``x`` in the bins of :func:`histogram_edges` (values beyond ``amax`` in the
+    outer bins; rows of the batch with ``valid`` False not counted). Bin ``j`` is
+    ``[e_j, e_{j+1})`` as in ``np.histogram``, up to float32 rounding at the edges."""
+    amax = jnp.where(amax > 0, amax, 1.0)
+    if kind == "signed":
+        n = KL_TVM_BINS
+        pos = (x + amax) * (n / (2 * amax))
+    else:
+        n = KL_TRT_BINS
+        pos = jnp.abs(x) * (n / amax)
+    idx = jnp.clip(jnp.floor(pos), 0, n - 1).astype(jnp.int32)
+    idx = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), idx, n)  # padding -> dropped bin
+    return jnp.bincount(idx.ravel(), length=n + 1)[:n]
+
+
+def _unwrap_sown(tree):
+    """``sow`` stores a tuple per site; keep its single value."""
+    return jax.tree_util.tree_map(lambda t: t[0], tree, is_leaf=lambda t: isinstance(t, tuple))
+
+
+@functools.partial(jax.jit, static_argnames=("recording_model", "stat"))
+def _batch_statistics(recording_model, stat: str, variables, images, n_valid, ranges):
+    """One batch through the recording model, reduced per site: max |x| (``stat='max'``) or
+    a histogram (``'signed'`` / ``'abs'``) over ``[-range, range]`` / ``[0, range]``."""
+    _, state = recording_model.apply(variables, images, mutable=[RECORD_COLLECTION])
+    acts = _unwrap_sown(state[RECORD_COLLECTION])
+    valid = jnp.arange(images.shape[0]) < n_valid
+    if stat == "max":
+        mask = lambda x: valid.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jax.tree_util.tree_map(lambda x: jnp.max(jnp.where(mask(x), jnp.abs(x), 0.0)),
+                                      acts)
+    return jax.tree_util.tree_map(lambda x, r: _histogram(x, stat, r, valid), acts, ranges)
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Calibrated int8 activation scales and how they were obtained.
+
+    ``scales``, ``thresholds`` and ``amax`` are trees mirroring ``params`` with one entry per
+    site (``'conv0_1': {'conv1_in', 'conv2_in', 'conv2_out'}``, ``'final4_in'``, ...): the
+    scale ``s`` of the int8 grid, the clipping threshold ``T`` it came from, and the largest
+    |x| seen. ``scales`` holds float32 arrays; the others Python floats.
+    """
+
+    method: str
+    scales: Mapping[str, Any]
+    thresholds: Mapping[str, Any]
+    amax: Mapping[str, Any]
+    num_images: int
+    seconds: float
+
+    def attach(self, variables: Mapping[str, Any]) -> dict:
+        """``variables`` with the scales in the ``'quant'`` collection, for the int8 model."""
+        return {**variables, QUANT_COLLECTION: self.scales}
+
+    def summary(self) -> dict:
+        """JSON-ready description (method, images, seconds, per-site threshold and max)."""
+        flat_t = _flatten(self.thresholds)
+        flat_m = _flatten(self.amax)
+        return {"method": self.method, "num_images": self.num_images,
+                "seconds": round(self.seconds, 3),
+                "sites": {k: {"threshold": flat_t[k], "amax": flat_m[k]} for k in flat_t}}
+
+
+def _flatten(tree) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
+
+
+def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Equal-size batches of at most ``batch_size`` (the last one zero-padded) with their
+    number of real images: every batch has one shape, so each pass compiles once, and the
+    sizes are balanced (50 images at 16 -> 4 x 13) so little padding is computed."""
+    n_batches = -(-len(images) // batch_size)
+    size = -(-len(images) // n_batches)
+    for start in range(0, len(images), size):
+        batch = images[start:start + size]
+        n = len(batch)
+        if n < size:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+        yield batch, n
+
+
+def site_statistics(model, variables: Mapping[str, Any], images, histogram: str | None = None,
+                    *, batch_size: int = 16,
+                    progress: Callable[[str, int, int], None] | None = None):
+    """Max |x| per calibration site over ``images`` and, with ``histogram='signed'`` or
+    ``'abs'``, a histogram per site over that range (:func:`histogram_edges`).
+
+    One jitted call per batch and pass (all batches have one shape, so each pass compiles
+    once). Returns ``(amax, hists)``: trees mirroring ``params`` of Python floats and of int64
+    numpy counts (``None`` without ``histogram``).
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"expected a non-empty NHWC batch of images, got shape {images.shape}")
+    recorder = model.clone(numerics=Record())
+    variables = {k: v for k, v in variables.items() if k != QUANT_COLLECTION}
+    batches = list(_padded_batches(images, batch_size))
+
+    def run(pass_name, stat, ranges, combine):
+        acc = None
+        for done, (batch, n) in enumerate(batches, 1):
+            out = _batch_statistics(recorder, stat, variables, jnp.asarray(batch),
+                                    jnp.int32(n), ranges)
+            acc = out if acc is None else jax.tree_util.tree_map(combine, acc, out)
+            if progress is not None:
+                progress(pass_name, done, len(batches))
+        return acc
+
+    amax_dev = run("max", "max", None, jnp.maximum)
+    amax = jax.tree_util.tree_map(float, jax.device_get(amax_dev))
+    if histogram is None:
+        return amax, None
+    # int32 counts per batch, summed in int64 on the host (numpy on both sides: numpy + jax
+    # array would give a jax array, in int32).
+    hists = run("histogram", histogram, amax_dev,
+                lambda acc, h: np.asarray(acc, np.int64) + np.asarray(h, np.int64))
+    return amax, jax.tree_util.tree_map(lambda h: np.asarray(h, np.int64), hists)
+
+
+def calibrate(model, variables: Mapping[str, Any], images, method: str = "kl", *,
+              batch_size: int = 16, percentile: float = 99.99,
+              progress: Callable[[str, int, int], None] | None = None) -> Calibration:
+    """Per-site int8 activation scales of ``model`` from fp32 runs over ``images``.
+
+    Args:
+      model: a ``UNetPlusPlus`` (its ``numerics`` is replaced by :class:`Record`).
+      variables: ``{'params', 'batch_stats'}`` (any ``'quant'`` entry is ignored).
+      images: NHWC float array, preprocessed exactly as for evaluation (the vendor used 50
+        validation images).
+      method: ``'kl'`` (TVM/MXNet, the default: the vendor's compiler is TVM-derived),
+        ``'kl-trt'`` (TensorRT / pytorch-quantization), ``'max'`` or ``'percentile'``.
+      batch_size: images per jitted call; the last batch is padded, so there is one compile
+        per pass.
+      percentile: for ``method='percentile'`` (pytorch-quantization's default 99.99).
+      progress: optional ``callback(pass_name, batches_done, batches_total)``.
+
+    Pass 1 finds max |x| per site; for the histogram methods pass 2 bins every site over that
+    range (8001 signed bins for ``kl``, as TVM bins all calibration activations at once;
+    2048 |x| bins for ``kl-trt`` and ``percentile``), see :func:`site_statistics`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {METHODS}")
+    t0 = time.perf_counter()
+    kind = {"kl": "signed", "kl-trt": "abs", "percentile": "abs"}.get(method)
+    amax, hists = site_statistics(model, variables, images, kind, batch_size=batch_size,
+                                  progress=progress)
+    if method == "max":
+        thresholds = amax
+    else:
+        def threshold(h, m):
+            edges = histogram_edges(kind, m)
+            if method == "kl":
+                return kl_threshold(h, edges)
+            if method == "kl-trt":
+                return kl_threshold_trt(h, edges)
+            return percentile_threshold(h, edges, percentile)
+
+        # numpy releases the GIL in its array loops: the sites run two at a time.
+        leaves, treedef = jax.tree_util.tree_flatten(hists)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            found = list(pool.map(threshold, leaves, treedef.flatten_up_to(amax)))
+        thresholds = jax.tree_util.tree_unflatten(treedef, found)
+    scales = jax.tree_util.tree_map(
+        lambda t, m: jnp.float32(scale_from_threshold(method, t, m)), thresholds, amax)
+    return Calibration(method=method, scales=scales, thresholds=thresholds, amax=amax,
+                       num_images=len(np.asarray(images)), seconds=time.perf_counter() - t0)
