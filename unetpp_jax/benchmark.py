@@ -1,49 +1,512 @@
-"""Timing helpers shared by ``experiments.model_info`` and ``experiments.bench``.
+"""Timing helpers and the sections of ``python -m experiments.bench`` (issue 7).
 
 Compile time is measured separately from steady-state time; steady state is the median of
 repeated calls after a warm-up, each ended with ``block_until_ready`` (JAX dispatch is async).
+The same :func:`time_jitted` times PyTorch eager calls and the converter (``sync=None``: those
+return when done), so every number in the report is measured one way.
+
+Sections, each a function returning JSON-ready values, run in this order by
+:func:`run_benchmark`:
+
+* ``inference`` -- fp32 images/s and latency at each batch for prune levels L1..L4, each level's
+  XLA FLOPs, and ``flops_ratio = FLOPs(L4) / FLOPs(Lk)`` (how many times fewer FLOPs),
+  ``speedup = t(L4) / t(Lk)`` at the same batch, ``efficiency = speedup / flops_ratio``
+  (1.0: time falls exactly with FLOPs; issue 7 asks >= 0.8), and, given a checkpoint, each
+  level's MIoU on the validation split. Level k's output is head k of the full network (the
+  pruned program computes exactly the nodes head k reads, tested in ``tests/test_model.py``),
+  so one full-depth evaluation scores every level.
+* ``pytorch`` -- the same model (a PyTorch twin holding the same weights) in eager mode,
+  ``channels_last``, eval mode under ``torch.inference_mode``, same batch and input size,
+  in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s.
+* ``precision`` -- fp16 and int8 emulation (``unetpp_jax.quant``) next to fp32: steady-state
+  forward at the evaluation batch, the split's forward time derived from it, the ratio to
+  fp32, and the int8 calibration time.
+* ``train_step`` -- images/s of the real jitted, donated training step (``make_train_step``).
+* ``converter`` -- ``weights_port.convert.convert`` on a UNET-ZOO-format ``.pth`` written from
+  the twin (needs PyTorch only to *write* that file).
+* the process's peak resident memory (``ru_maxrss``) after each section.
+
+PyTorch is never imported at module level: the PyTorch sections receive the twin as an
+argument, built by the caller (``experiments.bench``) only when torch is installed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+SECTIONS = ("inference", "pytorch", "precision", "train_step", "converter")
+
 
 @dataclass
 class Timing:
-    compile_s: float  # first call: trace + compile + one run
+    compile_s: float  # first call: trace + compile + one run (PyTorch: first call)
     median_s: float  # median steady-state seconds per call
     repeats: int
+    times: tuple[float, ...] = ()  # every steady-state call, seconds
 
     def per_item(self, n: int) -> float:
         return n / self.median_s
 
+    def to_json(self, batch: int) -> dict:
+        """images/s and latency (ms per call) at ``batch``, with the spread of the calls."""
+        times = self.times or (self.median_s,)
+        return {"batch": batch, "images_per_s": self.per_item(batch),
+                "latency_ms": 1e3 * self.median_s, "compile_s": self.compile_s,
+                "median_s": self.median_s, "min_s": min(times), "max_s": max(times),
+                "repeats": self.repeats}
 
-def time_jitted(fn, *args, repeats: int = 5, warmup: int = 1) -> Timing:
-    """Time a jitted function: first call (compile) then ``repeats`` steady-state calls."""
+
+def time_jitted(fn, *args, repeats: int = 5, warmup: int = 1,
+                sync: Callable | None = jax.block_until_ready) -> Timing:
+    """Time ``fn(*args)``: the first call (compile) apart, then ``warmup`` untimed calls, then
+    the median of ``repeats`` timed calls. ``sync`` waits for a call's result (JAX dispatch is
+    asynchronous); pass ``None`` for callables that return when done (PyTorch eager on CPU)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    sync = sync or (lambda out: out)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    sync(fn(*args))
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
         times.append(time.perf_counter() - t0)
-    return Timing(compile_s, float(np.median(times)), repeats)
+    return Timing(compile_s, float(np.median(times)), repeats, tuple(times))
 
 
 def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
-                   repeats: int = 5) -> Timing:
-    """Inference forward (BatchNorm folded, probabilities of the last head) at one prune level."""
+                   repeats: int = 5, warmup: int = 1) -> Timing:
+    """Inference forward (BatchNorm folded, probabilities of heads 1..prune_level) at one level."""
     from unetpp_jax.model import predict_fn
 
     f = predict_fn(model, prune_level)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-    return time_jitted(f, variables, x, repeats=repeats)
+    return time_jitted(f, variables, x, repeats=repeats, warmup=warmup)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource  # Unix only
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What :func:`run_benchmark` measures; :data:`QUICK` is a seconds-scale smoke setting."""
+
+    size: int = 96  # input height = width of the inference, PyTorch and precision timings
+    batches: tuple[int, ...] = (1, 16)
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+    repeats: int = 5  # timed calls per measurement (median)
+    warmup: int = 1  # untimed calls after the first (compiling) one
+    eval_batch: int = 16  # batch of the evaluation and of the precision timings
+    eval_images: int | None = None  # None: the whole validation split (134 images)
+    calib_images: int = 50  # int8 calibration images from the split (the vendor used 50)
+    calib_method: str = "kl"
+    train_batch: int = 8
+    train_size: int = 96
+    converter_repeats: int = 3
+    torch_threads: int | None = None  # None: one per available core
+    sections: tuple[str, ...] = SECTIONS
+
+    def __post_init__(self):
+        unknown = set(self.sections) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        bad = [lv for lv in self.levels if not 1 <= lv <= 4]
+        if bad or not self.levels:
+            raise ValueError(f"levels must be in 1..4, got {self.levels}")
+        if self.size % 16 or self.train_size % 16:
+            raise ValueError(f"sizes must be multiples of 16, got {self.size} and {self.train_size}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+# Smoke setting for tests: every section and field, seconds of compute (compiling dominates).
+# ``max`` calibration skips the histogram pass; the section's code path is the same. One
+# PyTorch thread: on a busy machine its OpenMP threads spin against each other (a 32x32
+# forward took 1.6 s with 2 threads next to a training job, 45 ms with 1).
+QUICK = BenchConfig(size=32, batches=(1, 2), repeats=2, warmup=0, eval_batch=4, eval_images=8,
+                    calib_images=4, calib_method="max", train_batch=2, train_size=32,
+                    converter_repeats=1, torch_threads=1)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def machine_info() -> dict:
+    """Versions, the CPU and its load: what a reader needs to compare two reports."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import flax
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind, "cpu": cpu, "cores": available_cores(),
+            "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def level_mious(model, variables, split, *, batch_size: int = 16) -> dict[int, float]:
+    """MIoU (table metric, percent) of each prune level's own head on ``split``.
+
+    One full-depth evaluation: level k outputs head k, which the full network computes with the
+    same nodes. A single-head model has level 4 only.
+    """
+    from unetpp_jax.evaluate import evaluate_split
+
+    scores = evaluate_split(model, variables, split, batch_size=batch_size)
+    if not model.deep_supervision:
+        return {4: scores.miou}
+    return {k: m for k, m in enumerate(scores.miou_per_head, 1)}
+
+
+def inference_section(model, variables, cfg: BenchConfig, *, mious: dict[int, float] | None = None,
+                      log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """fp32 inference rows, one per (level, batch): speed, FLOPs and their ratios to L4."""
+    from unetpp_jax.model import xla_flops
+
+    levels = sorted(set(cfg.levels) | {4})  # L4 is the reference of every ratio
+    if not model.deep_supervision:
+        levels = [4]  # pruning needs the deep-supervision heads
+    flops = {lv: xla_flops(model, variables, (1, cfg.size, cfg.size, 3), prune_level=lv)
+             for lv in levels}
+    rows = []
+    for batch in cfg.batches:
+        for level in levels:
+            t = forward_timing(model, variables, batch=batch, size=cfg.size, prune_level=level,
+                               repeats=cfg.repeats, warmup=cfg.warmup)
+            row = {"level": level, **t.to_json(batch), "xla_flops": flops[level]}
+            rows.append(row)
+            log(f"inference L{level} batch {batch}: {row['images_per_s']:.2f} img/s "
+                f"(compile {t.compile_s:.1f} s)")
+    for row in rows:
+        ref = next(r for r in rows if r["level"] == 4 and r["batch"] == row["batch"])
+        row["flops_ratio"] = ref["xla_flops"] / row["xla_flops"]
+        row["speedup"] = ref["median_s"] / row["median_s"]
+        row["efficiency"] = row["speedup"] / row["flops_ratio"]
+        row["miou"] = None if mious is None else mious.get(row["level"])
+    return [r for r in rows if r["level"] in cfg.levels]
+
+
+def pytorch_section(torch_model, cfg: BenchConfig, jax_rows: list[dict] | None = None, *,
+                    log: Callable[[str], None] = lambda s: None) -> dict:
+    """PyTorch eager, channels_last, eval mode, ``inference_mode``, at each batch of ``cfg``.
+
+    ``torch_model`` is a twin holding the JAX model's weights (``experiments.torch_twin``).
+    Threads: ``cfg.torch_threads`` or one per core, restored afterwards.
+    """
+    import torch
+
+    threads = cfg.torch_threads or available_cores()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = torch_model.eval().to(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(0)
+        rows = []
+        for batch in cfg.batches:
+            x = torch.randn(batch, 3, cfg.size, cfg.size, generator=gen).contiguous(
+                memory_format=torch.channels_last)
+
+            def forward(x=x):
+                with torch.inference_mode():
+                    return model(x)
+
+            t = time_jitted(forward, repeats=cfg.repeats, warmup=cfg.warmup, sync=None)
+            row = t.to_json(batch)
+            ref = next((r for r in jax_rows or [] if r["level"] == 4 and r["batch"] == batch), None)
+            row["jax_over_pytorch"] = None if ref is None else ref["images_per_s"] / row["images_per_s"]
+            rows.append(row)
+            log(f"pytorch batch {batch}: {row['images_per_s']:.2f} img/s")
+    finally:
+        torch.set_num_threads(previous)
+    return {"torch": torch.__version__, "threads": threads, "memory_format": "channels_last",
+            "mode": "eager, eval, inference_mode", "rows": rows}
+
+
+def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConfig, *,
+                      log: Callable[[str], None] = lambda s: None) -> dict:
+    """fp16 and int8 emulation speed next to fp32, plus the int8 calibration time.
+
+    Each precision's forward is timed at ``cfg.eval_batch`` and ``cfg.size``;
+    ``split_forward_s`` is that steady-state time times the batches of the evaluated split,
+    ``time_vs_fp32`` the ratio of steady-state times. int8 is calibrated (``cfg.calib_method``)
+    on the first ``cfg.calib_images`` images of ``images_uint8`` (the validation split, as the
+    vendor did); its ``seconds`` include the calibration passes' compilation.
+    """
+    from unetpp_jax import quant
+    from unetpp_jax.data.pipeline import normalize
+
+    n_images = len(images_uint8)
+    n_batches = math.ceil(n_images / cfg.eval_batch)
+    calib = quant.calibrate(model, variables, normalize(images_uint8[:cfg.calib_images]),
+                            cfg.calib_method, batch_size=cfg.eval_batch)
+    log(f"int8 calibration ({cfg.calib_method}, {calib.num_images} images): {calib.seconds:.1f} s")
+    rows = []
+    for precision in ("fp32", "fp16", "int8"):
+        qmodel = quant.quantized_model(model, precision)
+        qvars = calib.attach(variables) if precision == "int8" else variables
+        t = forward_timing(qmodel, qvars, batch=cfg.eval_batch, size=cfg.size,
+                           repeats=cfg.repeats, warmup=cfg.warmup)
+        row = {"precision": precision, **t.to_json(cfg.eval_batch),
+               "split_forward_s": t.median_s * n_batches}
+        rows.append(row)
+        log(f"{precision} forward batch {cfg.eval_batch}: {row['images_per_s']:.2f} img/s")
+    for row in rows:
+        row["time_vs_fp32"] = row["median_s"] / rows[0]["median_s"]
+    return {"n_images": n_images, "eval_batch": cfg.eval_batch,
+            "calibration": {"method": calib.method, "num_images": calib.num_images,
+                            "seconds": calib.seconds},
+            "rows": rows}
+
+
+def train_step_section(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Images/s of ``make_train_step`` (Adam, BCE over the four heads) on the real model.
+
+    The step donates its state, so each timed call feeds the previous call's state back in.
+    The batch is random (speed does not depend on the pixel values).
+    """
+    from unetpp_jax.train import TrainConfig, create_state, data_mesh, make_train_step, shard_batch
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    tcfg = TrainConfig(name="bench", batch_size=cfg.train_batch, image_size=cfg.train_size)
+    mesh = data_mesh()
+    model, state = create_state(tcfg, steps_per_epoch=1)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step_fn = make_train_step(model, tcfg, mesh)
+    rng = np.random.default_rng(0)
+    shape = (cfg.train_batch, cfg.train_size, cfg.train_size)
+    batch = shard_batch({"image": rng.uniform(-1, 1, (*shape, 3)).astype(np.float32),
+                         "mask": rng.uniform(0, 1, (*shape, 1)).astype(np.float32)}, mesh)
+    holder = {"state": state}
+
+    def step():
+        holder["state"], loss = step_fn(holder["state"], batch)
+        return loss
+
+    t = time_jitted(step, repeats=cfg.repeats, warmup=cfg.warmup)
+    row = {**t.to_json(cfg.train_batch), "size": cfg.train_size, "optimizer": tcfg.optimizer,
+           "devices": len(mesh.devices.flat)}
+    log(f"train step batch {cfg.train_batch}: {row['images_per_s']:.2f} img/s")
+    return row
+
+
+def converter_section(torch_model, cfg: BenchConfig, *,
+                      log: Callable[[str], None] = lambda s: None) -> dict:
+    """Seconds of ``weights_port.convert.convert`` on a UNET-ZOO ``.pth`` of ``torch_model``.
+
+    The file is ``torch.save(model.state_dict())`` in a temporary folder, named as UNET-ZOO
+    names its checkpoints; the first conversion is reported apart from the median of the rest.
+    """
+    import torch
+
+    from weights_port.convert import convert
+
+    with tempfile.TemporaryDirectory(prefix="unetpp-bench-") as tmp:
+        src = Path(tmp) / "unet++_8_dsb2018Cell_21.pth"
+        torch.save(torch_model.state_dict(), src)
+        results = []
+
+        def once():
+            results.append(convert(src, Path(tmp) / "converted", force=True))
+
+        t = time_jitted(once, repeats=cfg.converter_repeats, warmup=0, sync=None)
+    last = results[-1]
+    row = {"first_s": t.compile_s, "median_s": t.median_s, "repeats": t.repeats,
+           "phases_s": dict(last.seconds), "size_bytes": last.size_bytes,
+           "params": last.param_count, "source_format": last.source_format}
+    log(f"converter: {t.median_s:.2f} s ({last.size_bytes / 1e6:.1f} MB)")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+
+
+def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
+                  make_twin: Callable[[Any, dict], Any] | None = None,
+                  no_twin_reason: str = "PyTorch is not installed (the twin needs torch)",
+                  log: Callable[[str], None] = lambda s: None, meta: dict | None = None) -> dict:
+    """Run the sections of ``cfg`` and return the report (a JSON-ready dict).
+
+    Args:
+      model, variables: the JAX model (a checkpoint's, or a fresh initialisation).
+      split: the validation :class:`~unetpp_jax.data.pipeline.Split` (MIoU, calibration,
+        evaluation size); ``cfg.eval_images`` limits it.
+      scored: whether ``variables`` are trained weights worth an MIoU (False: random init).
+      make_twin: ``(model, variables) -> torch.nn.Module`` holding the same weights, or None
+        when PyTorch is not installed or not wanted (the PyTorch and converter sections are
+        then skipped, giving ``no_twin_reason``).
+      log: progress callback, one line per measurement.
+      meta: extra entries for ``report['meta']`` (checkpoint, data, command line).
+    """
+    t_start = time.perf_counter()
+    if cfg.eval_images is not None:
+        split = split.take(range(min(cfg.eval_images, len(split))))
+    report: dict[str, Any] = {
+        "meta": {**machine_info(), **(meta or {}), "config": cfg.to_json()},
+        "skipped": {}, "peak_rss_mb_after": {},
+    }
+    for name in SECTIONS:
+        report[name] = None
+    skipped = report["skipped"]
+    for name in set(SECTIONS) - set(cfg.sections):
+        skipped[name] = "not selected"
+
+    def done(name):
+        report["peak_rss_mb_after"][name] = peak_rss_mb()
+
+    twin = None
+    if make_twin is not None and {"pytorch", "converter"} & set(cfg.sections):
+        twin = make_twin(model, variables)
+    for name in ("pytorch", "converter"):
+        if name in cfg.sections and twin is None:
+            skipped[name] = no_twin_reason
+
+    if "inference" in cfg.sections:
+        mious = None
+        if scored:
+            log(f"MIoU of every head on {len(split)} validation images")
+            mious = level_mious(model, variables, split, batch_size=cfg.eval_batch)
+        else:
+            report["meta"]["miou_note"] = "no checkpoint: MIoU skipped (random weights)"
+        report["inference"] = inference_section(model, variables, cfg, mious=mious, log=log)
+        done("inference")
+    if "pytorch" in cfg.sections and twin is not None:
+        report["pytorch"] = pytorch_section(twin, cfg, report["inference"], log=log)
+        done("pytorch")
+    if "precision" in cfg.sections:
+        report["precision"] = precision_section(model, variables, split.images, cfg, log=log)
+        done("precision")
+    if "train_step" in cfg.sections:
+        report["train_step"] = train_step_section(cfg, log=log)
+        done("train_step")
+    if "converter" in cfg.sections and twin is not None:
+        report["converter"] = converter_section(twin, cfg, log=log)
+        done("converter")
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["meta"]["seconds"] = time.perf_counter() - t_start
+    if hasattr(os, "getloadavg"):
+        report["meta"]["load_average_1min_end"] = os.getloadavg()[0]
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def _f(x, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def format_table(report: dict) -> str:
+    """One plain-text table of a :func:`run_benchmark` report."""
+    meta, cfg = report["meta"], report["meta"]["config"]
+    head = (f"{'':30s}{'batch':>6s}{'img/s':>9s}{'ms/call':>10s}{'compile s':>10s}"
+            f"{'GFLOP/img':>10s}{'FLOPs x':>8s}{'speedup':>8s}{'effic.':>7s}{'MIoU':>7s}  note")
+    lines = [
+        f"UNet++ benchmark: {meta['cpu']} ({meta['cores']} cores, load "
+        f"{_f(meta['load_average_1min'], '.2f') or '?'} at start), JAX {meta['jax']} "
+        f"{meta['backend']}; input {cfg['size']}x{cfg['size']}, "
+        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up",
+        f"checkpoint: {meta.get('checkpoint', '?')}; data: {meta.get('data', '?')}",
+        head, "-" * len(head)]
+
+    def line(what, batch=None, ips=None, ms=None, comp=None, gflop=None, fx=None, sp=None,
+             eff=None, miou=None, note=""):
+        return (f"{what:30s}{_f(batch, 'd'):>6s}{_f(ips, '.2f'):>9s}{_f(ms, '.1f'):>10s}"
+                f"{_f(comp, '.2f'):>10s}{_f(gflop, '.3f'):>10s}{_f(fx, '.2f'):>8s}"
+                f"{_f(sp, '.2f'):>8s}{_f(eff, '.2f'):>7s}{_f(miou, '.2f'):>7s}  {note}".rstrip())
+
+    for r in report.get("inference") or []:
+        lines.append(line(f"JAX fp32 L{r['level']}", r["batch"], r["images_per_s"], r["latency_ms"],
+                          r["compile_s"], r["xla_flops"] / 1e9, r["flops_ratio"], r["speedup"],
+                          r["efficiency"], r["miou"]))
+    pt = report.get("pytorch")
+    for r in (pt or {}).get("rows", []):
+        ratio = r["jax_over_pytorch"]
+        lines.append(line("PyTorch eager channels_last", r["batch"], r["images_per_s"],
+                          r["latency_ms"], r["compile_s"],
+                          note=(f"JAX L4 / PyTorch = {ratio:.2f}" if ratio is not None else "")
+                          + f"  ({pt['threads']} thread{'s' if pt['threads'] != 1 else ''})"))
+    pr = report.get("precision")
+    if pr:
+        for r in pr["rows"]:
+            note = (f"x{r['time_vs_fp32']:.2f} fp32 time; {pr['n_images']} images "
+                    f"{r['split_forward_s']:.2f} s")
+            if r["precision"] == "int8":
+                c = pr["calibration"]
+                note += f"; calib {c['method']} {c['num_images']} img {c['seconds']:.1f} s"
+            lines.append(line(f"eval forward {r['precision']} (emulated)" if r["precision"] != "fp32"
+                              else "eval forward fp32", r["batch"], r["images_per_s"],
+                              r["latency_ms"], r["compile_s"], note=note))
+    ts = report.get("train_step")
+    if ts:
+        lines.append(line(f"train step {ts['size']}x{ts['size']} {ts['optimizer']}", ts["batch"],
+                          ts["images_per_s"], ts["latency_ms"], ts["compile_s"],
+                          note=f"{ts['devices']} device(s)"))
+    cv = report.get("converter")
+    if cv:
+        ph = cv["phases_s"]
+        lines.append(line("converter .pth -> Flax", ms=1e3 * cv["median_s"], comp=cv["first_s"],
+                          note=f"{cv['size_bytes'] / 1e6:.1f} MB; read {ph['read']:.2f} s, map "
+                               f"{ph['map']:.2f} s, write {ph['write']:.2f} s (compile s = first run)"))
+    lines.append(line("peak RSS of the process", note=f"{report['peak_rss_mb']:.0f} MiB"))
+    lines.append("-" * len(head))
+    lines.append("FLOPs x = FLOPs(L4)/FLOPs(Lk); speedup = time(L4)/time(Lk) at the same batch; "
+                 "effic. = speedup / FLOPs x (1 = proportional).")
+    if meta.get("miou_note"):
+        lines.append(f"note: {meta['miou_note']}")
+    for name, why in report.get("skipped", {}).items():
+        if why != "not selected":
+            lines.append(f"skipped {name}: {why}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path) -> Path:
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

@@ -1,0 +1,188 @@
+"""experiments.bench: a --quick run prints the table and writes a report with every section.
+
+The run is the smoke setting (32x32 input, batches 1 and 2, 8 validation images), on a
+checkpoint written here without any compute (He-scaled random kernels, identity BatchNorm), so
+the MIoU path runs too. Its numbers are only checked for being present, positive and
+consistent with each other (ratios recomputed from the rows), not for speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench
+from unetpp_jax import checkpoint
+from unetpp_jax.benchmark import SECTIONS, time_jitted
+from unetpp_jax.model import WIDTHS, UNetPlusPlus
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+TIMING_FIELDS = {"batch", "images_per_s", "latency_ms", "compile_s", "median_s", "min_s", "max_s",
+                 "repeats"}
+INFERENCE_FIELDS = TIMING_FIELDS | {"level", "xla_flops", "flops_ratio", "speedup", "efficiency",
+                                    "miou"}
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    """A 4-head UNet++ checkpoint with random weights, made from the abstract tree (no compile)."""
+    model = UNetPlusPlus()
+    abstract = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                              jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
+    rng = np.random.default_rng(0)
+
+    def leaf(path, a):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, math.sqrt(2 / np.prod(a.shape[:-1])), a.shape).astype(np.float32)
+        return (np.ones if name in ("scale", "var") else np.zeros)(a.shape, np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(leaf, abstract)
+    path = tmp_path_factory.mktemp("bench") / "random"
+    metadata = {"model": {"name": "UNetPlusPlus", "deep_supervision": True, "widths": list(WIDTHS),
+                          "num_classes": 1, "in_channels": 3}}
+    return checkpoint.save_variables(path, variables, metadata)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_timing(row: dict, batch: int):
+    assert TIMING_FIELDS <= set(row), TIMING_FIELDS - set(row)
+    assert row["batch"] == batch
+    for k in ("images_per_s", "latency_ms", "compile_s", "median_s", "min_s", "max_s"):
+        assert positive(row[k]), (k, row[k])
+    assert row["min_s"] <= row["median_s"] <= row["max_s"]
+    assert row["images_per_s"] == pytest.approx(batch / row["median_s"])
+    assert row["latency_ms"] == pytest.approx(1e3 * row["median_s"])
+
+
+def test_time_jitted_counts_calls_and_takes_the_median():
+    calls = []
+
+    def f(x):
+        calls.append(x)
+        return x
+
+    t = time_jitted(f, 3, repeats=4, warmup=2, sync=None)
+    assert calls == [3] * (1 + 2 + 4)  # compile call, warm-up, timed
+    assert t.repeats == 4 and len(t.times) == 4 and t.median_s == float(np.median(t.times))
+    with pytest.raises(ValueError, match="repeats"):
+        time_jitted(f, 3, repeats=0)
+
+
+def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert bench.main(["--quick", "--checkpoint", str(random_checkpoint), "--json", str(out)]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(out.read_text())
+    cfg = report["meta"]["config"]
+    assert cfg["batches"] == [1, 2] and cfg["size"] == 32 and report["meta"]["quick"] is True
+    for k in ("jax", "backend", "cpu", "cores", "load_average_1min", "checkpoint", "data",
+              "command", "seconds"):
+        assert k in report["meta"], k
+    assert str(random_checkpoint) in report["meta"]["checkpoint"]
+
+    # Inference: every (level, batch), FLOPs falling with the level, ratios to L4 consistent.
+    rows = report["inference"]
+    assert [(r["level"], r["batch"]) for r in rows] == [(lv, b) for b in (1, 2) for lv in (1, 2, 3, 4)]
+    for r in rows:
+        assert INFERENCE_FIELDS <= set(r), INFERENCE_FIELDS - set(r)
+        check_timing(r, r["batch"])
+        ref = next(x for x in rows if x["level"] == 4 and x["batch"] == r["batch"])
+        assert r["flops_ratio"] == pytest.approx(ref["xla_flops"] / r["xla_flops"])
+        assert r["speedup"] == pytest.approx(ref["median_s"] / r["median_s"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_ratio"])
+        assert 0.0 <= r["miou"] <= 100.0  # each level's own head, on 8 validation images
+    flops = [r["xla_flops"] for r in rows if r["batch"] == 1]
+    assert flops == sorted(flops) and flops[0] < 0.2 * flops[3]
+    assert all(r["flops_ratio"] == 1.0 and r["speedup"] == 1.0 for r in rows if r["level"] == 4)
+
+    # fp16 / int8 emulation next to fp32.
+    prec = report["precision"]
+    assert [r["precision"] for r in prec["rows"]] == ["fp32", "fp16", "int8"]
+    assert prec["n_images"] == 8 and prec["calibration"]["num_images"] == 4
+    assert positive(prec["calibration"]["seconds"])
+    for r in prec["rows"]:
+        check_timing(r, cfg["eval_batch"])
+        assert r["time_vs_fp32"] == pytest.approx(r["median_s"] / prec["rows"][0]["median_s"])
+        assert r["split_forward_s"] == pytest.approx(r["median_s"] * 2)  # 8 images, batch 4
+
+    ts = report["train_step"]
+    check_timing(ts, 2)
+    assert ts["size"] == 32 and ts["devices"] >= 1
+
+    assert positive(report["peak_rss_mb"])
+    ran = [s for s in SECTIONS if report[s] is not None]
+    assert list(report["peak_rss_mb_after"]) == ran
+    assert all(positive(v) and v <= report["peak_rss_mb"] for v in report["peak_rss_mb_after"].values())
+
+    if HAS_TORCH:
+        pt = report["pytorch"]
+        assert pt["threads"] == 1 and pt["memory_format"] == "channels_last"
+        for r, b in zip(pt["rows"], (1, 2)):
+            check_timing(r, b)
+            jax_l4 = next(x for x in rows if x["level"] == 4 and x["batch"] == b)
+            assert r["jax_over_pytorch"] == pytest.approx(jax_l4["images_per_s"] / r["images_per_s"])
+        cv = report["converter"]
+        assert positive(cv["first_s"]) and positive(cv["median_s"]) and cv["params"] == 9_163_428
+        assert set(cv["phases_s"]) == {"read", "map", "write", "total"}
+        assert report["skipped"] == {}
+    else:
+        assert report["pytorch"] is None and report["converter"] is None
+        assert "PyTorch is not installed" in report["skipped"]["pytorch"]
+
+    # One table: a line per measured row, then the footnotes; progress on stderr.
+    table = printed.out
+    assert table.count("JAX fp32 L") == len(rows)
+    for phrase in ["eval forward fp16 (emulated)", "eval forward int8 (emulated)", "train step",
+                   "peak RSS", "speedup", str(out)]:
+        assert phrase in table, phrase
+    if HAS_TORCH:
+        assert table.count("PyTorch eager channels_last") == 2 and "converter" in table
+    assert "[bench" in printed.err and "inference L4 batch 2" in printed.err
+
+
+def test_sections_can_be_skipped(random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--checkpoint", str(random_checkpoint), "--no-torch",
+                       "--only", "pytorch", "--only", "converter", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert all(report[s] is None for s in SECTIONS)
+    assert report["skipped"] == {"pytorch": "--no-torch", "converter": "--no-torch",
+                                 "inference": "not selected", "precision": "not selected",
+                                 "train_step": "not selected"}
+    assert "skipped pytorch: --no-torch" in capsys.readouterr().out
+
+
+def test_twin_from_flax_holds_the_converted_weights():
+    torch = pytest.importorskip("torch", reason="PyTorch (test extra) is the reference twin")
+    from experiments.torch_twin import NestedUNet, from_flax, randomize_batchnorm
+    from weights_port.keymap import convert_state_dict
+
+    torch.manual_seed(0)
+    sd = randomize_batchnorm(NestedUNet(), seed=0).state_dict()
+    conv = convert_state_dict({k: v.numpy() for k, v in sd.items()})
+    twin = from_flax(conv.model, conv.variables)
+    assert not twin.training
+    back = twin.state_dict()
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(back[k], v), k
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert bench.main(["--quick", "--checkpoint", str(tmp_path / "nope"),
+                       "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "nope" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
