@@ -24,7 +24,7 @@ from test_train import synthetic_split  # noqa: E402
 def test_fp32_parity_with_pytorch_twin_through_converter(tmp_path):
     """The table's number from our pipeline equals the metric on the twin's own outputs (0.01)."""
     torch = pytest.importorskip("torch", reason="PyTorch (test extra) is the reference twin")
-    from torch_twin import NestedUNet, randomize_batchnorm
+    from experiments.torch_twin import NestedUNet, randomize_batchnorm
 
     from weights_port.convert import convert
 

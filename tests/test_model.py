@@ -182,3 +182,18 @@ def test_folded_eval_equals_unfolded_batchnorm():
         h = (h - s["mean"]) / jnp.sqrt(s["var"] + 1e-5) * b["scale"] + b["bias"]
         h = jnp.maximum(h, 0)
     np.testing.assert_allclose(got, h, atol=2e-5, rtol=1e-5)
+
+
+def test_predict_fn_compiles_once_per_model_and_shape(model_and_vars):
+    # Validation runs every epoch and eval per precision: an equal model built anew must reuse
+    # the compiled program instead of recompiling.
+    from unetpp_jax import model as model_module
+
+    model, v = model_and_vars
+    x = jnp.zeros((1, 32, 32, 3))
+    predict_fn(model)(v, x)
+    n = model_module._predict._cache_size()
+    predict_fn(UNetPlusPlus())(v, x + 1.0)
+    assert model_module._predict._cache_size() == n
+    predict_fn(UNetPlusPlus(), prune_level=2)(v, x)
+    assert model_module._predict._cache_size() == n + 1

@@ -22,6 +22,7 @@ head L is the output, so each level is its own, smaller, compiled program.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -162,18 +163,20 @@ def init_variables(model: UNetPlusPlus, rng: Array | int = 0, shape=(1, 16, 16, 
     return dict(init(rng, jnp.zeros(shape, jnp.float32)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _predict(model: UNetPlusPlus, prune_level: int, variables, images):
+    return probabilities(model.apply(variables, images, train=False, prune_level=prune_level))
+
+
 def predict_fn(model: UNetPlusPlus, prune_level: int = DEPTH):
     """A jitted ``f(variables, images) -> probabilities`` in inference mode at one prune level.
 
     With deep supervision it returns a tuple of heads 1..prune_level; pick ``[-1]`` for the
-    head UNET-ZOO scores (head 4 at full depth).
+    head UNET-ZOO scores (head 4 at full depth). Modules are hashable, so the compiled program
+    is cached per (model, prune level, input shape): calling ``predict_fn`` again (every
+    validation epoch, say) does not recompile.
     """
-
-    @jax.jit
-    def f(variables, images):
-        return probabilities(model.apply(variables, images, train=False, prune_level=prune_level))
-
-    return f
+    return functools.partial(_predict, model, prune_level)
 
 
 def count_params(params) -> int:
