@@ -95,18 +95,23 @@ def test_head_k_of_pruned_model_equals_head_k_of_full_model(model_and_vars):
                                    atol=1e-6)
 
 
-def test_align_corners_matrix_hand_computed():
+def test_align_corners_taps_and_upsampler_hand_computed():
     # 2 -> 4 with align_corners=True samples input coords 0, 1/3, 2/3, 1.
-    m = layers.align_corners_matrix(2, 4)
-    np.testing.assert_allclose(m, [[1, 0], [2 / 3, 1 / 3], [1 / 3, 2 / 3], [0, 1]], atol=1e-7)
+    i0, i1, f = layers.align_corners_taps(2, 4)
+    np.testing.assert_array_equal(i0, [0, 0, 0, 1])
+    np.testing.assert_array_equal(i1, [1, 1, 1, 1])
+    np.testing.assert_allclose(f, [0, 1 / 3, 2 / 3, 0], atol=1e-7)
     x = jnp.array([[0.0, 3.0], [6.0, 9.0]]).reshape(1, 2, 2, 1)
     y = layers.upsample2x_align_corners(x)[0, :, :, 0]
     np.testing.assert_allclose(y, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]],
                                atol=1e-5)
-    # 3 -> 6: corners coincide, output 1 samples input 0.4.
-    m3 = layers.align_corners_matrix(3, 6)
-    np.testing.assert_allclose(m3[1], [0.6, 0.4, 0.0], atol=1e-7)
-    np.testing.assert_allclose(layers.align_corners_matrix(1, 2), [[1], [1]])
+    # 3 -> 6: corners coincide, output 1 samples input 0.4, output 4 samples 1.6.
+    i0, i1, f = layers.align_corners_taps(3, 6)
+    assert (i0[1], i1[1]) == (0, 1) and (i0[4], i1[4]) == (1, 2)
+    np.testing.assert_allclose([f[1], f[4]], [0.4, 0.6], atol=1e-7)
+    # a single row/column is replicated
+    one = layers.upsample2x_align_corners(jnp.full((1, 1, 1, 2), 5.0))
+    np.testing.assert_allclose(one, np.full((1, 2, 2, 2), 5.0))
 
 
 def test_upsampler_matches_pytorch_align_corners():

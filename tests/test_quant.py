@@ -134,13 +134,20 @@ def _primitives(jaxpr):
 def test_fp16_emulation_runs_in_float16_and_changes_probabilities_little(small):
     model, variables, images = small
     m16 = quant.quantized_model(model, "fp16")
-    # Every conv (30 + 4 heads), upsampling product and max-pool reads float16 values.
+    # Every conv (30 + 4 heads), max-pool and upsampling tap (two gathers per axis, 10 upsamples)
+    # reads float16 values.
     ops = _primitives(jax.make_jaxpr(lambda v, x: m16.apply(v, x))(variables, images).jaxpr)
     convs = [e for e in ops if e.primitive.name == "conv_general_dilated"]
     pools = [e for e in ops if e.primitive.name.startswith("reduce_window")]
-    dots = [e for e in ops if e.primitive.name == "dot_general"]
-    assert len(convs) == 34 and len(pools) == 4 and len(dots) == 2 * 10
-    assert all(v.aval.dtype == jnp.float16 for e in convs + pools + dots for v in e.invars)
+    taps = [e for e in ops if e.primitive.name == "gather"]
+    assert len(convs) == 34 and len(pools) == 4 and len(taps) == 4 * 10
+    assert all(e.invars[0].aval.dtype == jnp.float16 for e in convs + pools + taps)
+    # (the blend itself: every arithmetic op of the upsampler runs in float16)
+    from unetpp_jax.layers import upsample2x_align_corners
+
+    up = jax.make_jaxpr(upsample2x_align_corners)(jnp.zeros((1, 4, 4, 2), jnp.float16)).jaxpr
+    arith = [e for e in up.eqns if e.primitive.name in ("mul", "add", "sub")]
+    assert arith and all(v.aval.dtype == jnp.float16 for e in arith for v in e.invars)
     p32 = probs(model, variables, images)
     p16 = probs(m16, variables, images)
     for a, b in zip(p32, p16):
