@@ -76,12 +76,13 @@ def test_pruning_needs_deep_supervision_and_valid_level(model_and_vars):
 
 def test_pruned_levels_compute_fewer_nodes(model_and_vars):
     # The pruned program really is smaller: XLA-counted FLOPs drop with the level and agree with
-    # a hand count of conv multiply-adds (x2) within the <8% that bias/ReLU/pool/upsample add.
+    # a hand count of conv multiply-adds (x2) within a few %: XLA adds bias/ReLU/blend but does
+    # not count the zero-padding taps, which matter on the 6x6 and 12x12 maps of deep levels.
     model, v = model_and_vars
     flops = [xla_flops(model, v, prune_level=k) for k in range(1, 5)]
     assert flops == sorted(flops) and flops[0] < 0.15 * flops[3]
     for k, f in zip(range(1, 5), flops):
-        assert 1.0 <= f / (2 * conv_macs(prune_level=k)) < 1.08
+        assert 0.95 <= f / (2 * conv_macs(prune_level=k)) < 1.05
     assert conv_macs() == 4_850_417_664  # REFERENCE §1: "plain conv MACs at 96x96 are 4.85 G"
 
 
