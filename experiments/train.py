@@ -11,6 +11,7 @@ simulates N devices.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import sys
@@ -36,6 +37,23 @@ def _parse_override(text: str):
     return k, v
 
 
+def apply_overrides(cfg, pairs):
+    """``cfg`` with ``--set KEY=VALUE`` pairs applied, each value parsed as the field's type."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    overrides = {}
+    for k, v in pairs:
+        if k not in fields:
+            raise ValueError(f"--set {k}: no such TrainConfig field (fields: {', '.join(sorted(fields))})")
+        cur = getattr(cfg, k)
+        if isinstance(cur, bool):
+            overrides[k] = v.lower() in ("1", "true", "yes")
+        elif cur is not None and not isinstance(cur, (tuple, list)):
+            overrides[k] = type(cur)(v)
+        else:  # tuples (widths) and optional ints: a Python literal such as (8, 16, 32, 64, 128)
+            overrides[k] = ast.literal_eval(v)
+    return dataclasses.replace(cfg, **overrides)
+
+
 def main(argv=None) -> int:
     from experiments.configs import NAMES, get_config
 
@@ -58,16 +76,12 @@ def main(argv=None) -> int:
     from unetpp_jax.train import NonFiniteLossError, train
 
     cfg = get_config(args.config)
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    overrides = {}
-    for k, v in args.set:
-        if k not in fields:
-            ap.error(f"--set {k}: no such TrainConfig field (fields: {', '.join(fields)})")
-        cur = getattr(cfg, k)
-        overrides[k] = type(cur)(v) if cur is not None and not isinstance(cur, (tuple, list)) else eval(v, {})
+    try:
+        cfg = apply_overrides(cfg, args.set)
+    except ValueError as e:
+        ap.error(str(e))
     if args.epochs:
-        overrides["epochs"] = args.epochs
-    cfg = dataclasses.replace(cfg, **overrides)
+        cfg = dataclasses.replace(cfg, epochs=args.epochs)
     workdir = args.workdir or os.path.join("runs", cfg.name)
 
     progress = not args.no_progress

@@ -172,3 +172,18 @@ def test_two_devices_equal_one_device():
         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK")
+
+
+def test_cli_overrides_are_typed_and_checked():
+    from experiments.configs import get_config
+    from experiments.train import apply_overrides
+
+    cfg = apply_overrides(get_config("strong"), [("learning_rate", "5e-4"), ("augment", "false"),
+                                                 ("widths", "(8, 16, 32, 64, 128)"),
+                                                 ("max_steps_per_epoch", "3")])
+    assert cfg.learning_rate == 5e-4 and cfg.augment is False
+    assert cfg.widths == (8, 16, 32, 64, 128) and cfg.max_steps_per_epoch == 3
+    with pytest.raises(ValueError, match="no such TrainConfig field"):
+        apply_overrides(cfg, [("lr", "1")])
+    with pytest.raises(ValueError, match="unknown config"):
+        get_config("nope")
