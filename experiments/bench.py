@@ -89,9 +89,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(split) == 0:
-        print(f"error: no validation images in {args.data}", file=sys.stderr)
-        return 2
     data = f"{args.data or 'bundled validation split'} ({len(split)} images, {split.size}x{split.size})"
 
     make_twin, no_twin = None, "--no-torch"

@@ -74,9 +74,6 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(split) == 0:
-        print(f"error: no validation images in {args.data}", file=sys.stderr)
-        return 2
     precisions = _precisions(args.precision)
     n_heads = DEPTH if model.deep_supervision else 1
     head = n_heads if args.head == "all" else int(args.head)
