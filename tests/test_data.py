@@ -33,7 +33,7 @@ from unetpp_jax.data.split import FIRST_VAL_ID_PREFIX, split_ids
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/dsb2018/stage1_train"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"DSB2018 stage1_train not found at {DATA}; "
-                                "real-data tests need ../shared/data (see the README, "Data")")
+                                "real-data tests need ../shared/data (see the README, section Data)")
 
 
 def _cv2():

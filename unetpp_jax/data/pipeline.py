@@ -154,7 +154,7 @@ def load_split(source=None, split: str = "validation", size: int = 96, *, progre
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; pass a stage1_train folder or zip, a "
-                                "preprocessed images/+masks/ folder, or a TFDS data_dir (see the README, "Data")")
+                                "preprocessed images/+masks/ folder, or a TFDS data_dir (see the README, section Data)")
     if path.is_dir() and (path / "images").is_dir():
         return load_folder_split(path, split, size)
     if path.is_dir() and (path / "dsb2018" / str(size)).is_dir():

@@ -49,7 +49,7 @@ __all__ = [
 MASK_THRESHOLD = 127
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 _HOW_TO_GET = ("get stage1_train.zip from Kaggle (data-science-bowl-2018) or BBBC038v1, "
-               "see the README, "Data"")
+               "see the README, section Data")
 
 
 class PreprocessError(ValueError):
