@@ -196,7 +196,7 @@ def test_predict_fn_compiles_once_per_model_and_shape(model_and_vars):
     from unetpp_jax import model as model_module
 
     model, v = model_and_vars
-    x = jnp.zeros((1, 32, 32, 3))
+    x = jnp.zeros((3, 48, 80, 3))  # a shape no other test uses: the jit cache is process-wide
     predict_fn(model)(v, x)
     n = model_module._predict._cache_size()
     predict_fn(UNetPlusPlus())(v, x + 1.0)
