@@ -36,9 +36,9 @@ def main(argv=None):
     print(f"{'Params (M), 4 heads':28s}{params / 1e6:12.3f}{CARD_PARAMS_M:12.3f}   ({params:,}; one head: {params_1:,})")
     print(f"{'FLOPs (G), XLA cost':28s}{flops / 1e9:12.3f}{CARD_GFLOPS:12.3f}")
     print(f"{'2 x conv MACs (G)':28s}{2 * macs / 1e9:12.3f}")
-    print("FLOPs conventions: XLA counts every multiply-add as 2 plus elementwise ops (BN folded); "
-          "'2 x conv MACs' counts convs only; the card's 10.897 is an old thop op count x 2 / 0.9e9 "
-          "on a one-head graph, so it is larger than both.")
+    print("FLOPs conventions: XLA counts a multiply-add as 2, adds the elementwise ops and skips "
+          "the zero-padding taps (BN folded);\n  '2 x conv MACs' counts every 3x3 tap of the convs "
+          "only; the card's 10.897 is an old thop op count x 2 / 0.9e9 on a one-head graph.")
     if not args.no_speed:
         t = forward_timing(model, v, batch=args.batch, size=args.size, repeats=args.repeats)
         print(f"fp32 inference, batch {args.batch}: {t.per_item(args.batch):.1f} images/s "
