@@ -71,13 +71,17 @@ def test_losses_on_hand_cases():
 
 
 def test_tiny_run_loss_goes_down_and_writes_logs(tmp_path):
-    cfg = dataclasses.replace(TINY, epochs=4)
+    cfg = dataclasses.replace(TINY, epochs=4, ema_decay=0.9)
     summary = train(cfg, tmp_path, synthetic_split(32), synthetic_split(8, seed=1), progress=False)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["train_loss"] < 0.92 * rows[0]["train_loss"]
     assert max(rows[-1]["val_miou_per_head"]) > 50.0  # the discs are found
     assert summary["best"]["val_miou"] == max(r["val_miou"] for r in rows)
+    # With EMA both the raw and the averaged weights are scored; the better one is kept.
+    for r in rows:
+        assert r["val_miou"] == max(r["val_miou_raw"], r["val_miou_ema"])
+        assert r["val_weights"] == ("raw" if r["val_miou_raw"] >= r["val_miou_ema"] else "ema")
     assert (tmp_path / "metrics.csv").read_text().startswith("epoch,")
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "checkpoints" / "best").is_dir()
