@@ -10,8 +10,10 @@ from unetpp_jax.model import (
     UNetPlusPlus,
     conv_macs,
     count_params,
+    fold_batchnorm_variables,
     grid_nodes,
     init_variables,
+    map_in_micro_batches,
     predict_fn,
     xla_flops,
 )
@@ -188,6 +190,77 @@ def test_folded_eval_equals_unfolded_batchnorm():
         h = (h - s["mean"]) / jnp.sqrt(s["var"] + 1e-5) * b["scale"] + b["bias"]
         h = jnp.maximum(h, 0)
     np.testing.assert_allclose(got, h, atol=2e-5, rtol=1e-5)
+    # The same block with its BatchNorm folded beforehand, as fold_batchnorm_variables does for
+    # a whole network (the block's tree is one node of it).
+    folded = fold_batchnorm_variables({"params": {"n": params}, "batch_stats": {"n": stats}})
+    assert set(folded) == {"params"} and set(folded["params"]["n"]) == {"conv1", "conv2"}
+    np.testing.assert_allclose(blk.apply({"params": folded["params"]["n"]}, x), h,
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_prefolded_variables_give_the_same_predictions(model_and_vars):
+    model, v = model_and_vars
+    rng = np.random.default_rng(1)
+    # Non-trivial BatchNorm statistics (small means, variances around 1), so folding matters
+    # and the features stay alive through 4 levels of ReLU.
+    stats = {node: {bn: {"mean": jnp.asarray(rng.normal(0, 0.05, s["mean"].shape), jnp.float32),
+                         "var": jnp.asarray(rng.uniform(0.5, 1.5, s["var"].shape), jnp.float32)}
+                    for bn, s in bns.items()}
+             for node, bns in v["batch_stats"].items()}
+    v = {"params": v["params"], "batch_stats": stats}
+    folded = fold_batchnorm_variables(v)
+    assert "batch_stats" not in folded
+    assert "bn1" not in folded["params"]["conv2_1"] and "final3" in folded["params"]
+    assert fold_batchnorm_variables(folded) is folded  # idempotent
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 32, 32, 3))
+    apply = jitted_apply(model)
+    for level in (2, 4):
+        a = apply(v, x, prune_level=level)  # logits: probabilities of random weights saturate
+        b = apply(folded, x, prune_level=level)
+        assert len(a) == len(b) == level
+        for ha, hb in zip(a, b):
+            scale = float(jnp.max(jnp.abs(ha)))
+            assert float(jnp.std(ha)) > 1e-3 * scale  # a non-constant map
+            np.testing.assert_allclose(hb, ha, rtol=1e-4, atol=1e-5 * scale)
+    # predict_fn takes either tree.
+    np.testing.assert_allclose(predict_fn(model)(folded, x)[-1], predict_fn(model)(v, x)[-1],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="folded"):
+        model.apply(folded, x, train=True, mutable=["batch_stats"])
+
+
+def test_predict_program_uses_the_package_compiler_options(model_and_vars):
+    # layers.XLA_COMPILER_OPTIONS switches XLA:CPU's YNNPACK fusions off (Eigen convolutions
+    # are faster here, README Performance); the compiled inference program must show it.
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU option; this backend is " + jax.default_backend())
+    from unetpp_jax import model as model_module
+
+    model, v = model_and_vars
+    x = jnp.zeros((1, 32, 32, 3))
+    hlo = model_module._predict.lower(model, 4, None, v, x).compile().as_text()
+    assert hlo.count("convolution(") == 30  # the 15 nodes x 2 3x3 convs stay XLA convolutions
+    assert "__ynn_fusion" not in hlo
+
+
+def test_micro_batches_give_the_whole_batch_result(model_and_vars):
+    model, v = model_and_vars
+    x = jax.random.normal(jax.random.PRNGKey(7), (5, 32, 32, 3))
+    whole = jitted_apply(model)(v, x, prune_level=3)  # logits, one step
+    # 5 images by 1, by 2 (a padded last micro-batch) and by 8 (one step): the same logits.
+    for mb in (1, 2, 8):
+        got = jax.jit(lambda v, x, mb=mb: map_in_micro_batches(
+            lambda xc: model.apply(v, xc, prune_level=3), x, mb))(v, x)
+        assert len(got) == 3 and got[-1].shape == (5, 32, 32, 1)
+        for g, w in zip(got, whole):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # predict_fn: every micro-batch setting agrees; bad values are refused.
+    ref = predict_fn(model, micro_batch=None)(v, x)[-1]
+    for mb in (1, 2, "auto"):
+        np.testing.assert_allclose(predict_fn(model, micro_batch=mb)(v, x)[-1], ref, atol=1e-6)
+    for bad in (0, -1, 1.5, "all"):
+        with pytest.raises(ValueError, match="micro_batch"):
+            predict_fn(model, micro_batch=bad)
 
 
 def test_predict_fn_compiles_once_per_model_and_shape(model_and_vars):

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from unetpp_jax import metrics
 from unetpp_jax.data.pipeline import Split, normalize
-from unetpp_jax.model import DEPTH, predict_fn
+from unetpp_jax.model import DEPTH, fold_batchnorm_variables, predict_fn
 
 
 def predict_split(model, variables, images_uint8: np.ndarray, *, batch_size: int = 16,
@@ -21,9 +21,10 @@ def predict_split(model, variables, images_uint8: np.ndarray, *, batch_size: int
     """Probabilities of every head for uint8 BGR images: ``(heads, N, H, W)`` float32.
 
     The last batch is padded to ``batch_size`` (and the padding dropped), so the whole split
-    runs through one compiled program.
+    runs through one compiled program. BatchNorm is folded once for the whole split.
     """
     f = predict_fn(model, prune_level)
+    variables = fold_batchnorm_variables(variables)
     n = len(images_uint8)
     out = []
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):

@@ -36,6 +36,21 @@ def torch_default_init(fan_in: int):
     return init
 
 
+# Compiler options of the inference programs this package jits
+# (``jax.jit(..., compiler_options=...)``); the training step keeps XLA's defaults (see
+# ``train.make_train_step``).
+#
+# XLA:CPU in jaxlib 0.10 hands convolutions to YNNPACK by default. On the AVX-512 CPU of the
+# README's Performance section, its other convolution path (Eigen's spatial convolution) runs
+# UNet++'s convolutions 1.2-2x faster at 96x96 and 48x48 (experiments.conv_layouts), and the
+# whole fp32 forward at batch 16 goes from ~12.9 to ~15.0 images/s, so YNNPACK is switched off
+# (an empty list of YNNPACK fusion types). Other backends ignore ``xla_cpu_*`` options. Set per
+# program rather than through the process-wide ``XLA_FLAGS``: importing this package changes
+# nothing for other JAX code; a program jitted outside the package (``jax.jit(model.apply)``)
+# gets XLA's default unless it passes these options too.
+XLA_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 def conv2d(x: Array, kernel: Array, bias: Array | None = None) -> Array:
     """Stride-1 'same' convolution (kernel 1x1 or 3x3), NHWC x HWIO -> NHWC, float32 accumulate.
 

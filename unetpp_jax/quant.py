@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetpp_jax.layers import Float32, conv2d
+from unetpp_jax.layers import XLA_COMPILER_OPTIONS, Float32, conv2d
 
 Array = jax.Array
 
@@ -477,7 +477,8 @@ def _unwrap_sown(tree):
     return jax.tree_util.tree_map(lambda t: t[0], tree, is_leaf=lambda t: isinstance(t, tuple))
 
 
-@functools.partial(jax.jit, static_argnames=("recording_model", "stat"))
+@functools.partial(jax.jit, static_argnames=("recording_model", "stat"),
+                   compiler_options=XLA_COMPILER_OPTIONS)
 def _batch_statistics(recording_model, stat: str, variables, images, n_valid, ranges):
     """One batch through the recording model, reduced per site: max |x| (``stat='max'``) or
     a histogram (``'signed'`` / ``'abs'``) over ``[-range, range]`` / ``[0, range]``."""
