@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,15 @@ def test_time_jitted_counts_calls_and_takes_the_median():
     assert t.repeats == 4 and len(t.times) == 4 and t.median_s == float(np.median(t.times))
     with pytest.raises(ValueError, match="repeats"):
         time_jitted(f, 3, repeats=0)
+    # min_time: calls of ~10 ms repeated until they add up to 0.1 s (at least 4 of them).
+    calls.clear()
+    t = time_jitted(lambda: calls.append(time.sleep(0.01)), repeats=4, warmup=0,
+                    min_time=0.1, sync=None)
+    assert 9 <= t.repeats == len(calls) - 1 <= 12 and sum(t.times) >= 0.1
+    # compiled=True: no first call set apart.
+    calls.clear()
+    t = time_jitted(f, 3, repeats=2, warmup=0, sync=None, compiled=True)
+    assert calls == [3, 3] and t.compile_s == 0.0
 
 
 def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
@@ -106,6 +116,16 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
     assert flops == sorted(flops) and flops[0] < 0.2 * flops[3]
     assert all(r["flops_ratio"] == 1.0 and r["speedup"] == 1.0 for r in rows if r["level"] == 4)
 
+    # Ablations: L4 with one speed measure undone, at each batch, against the package's L4.
+    abl = report["ablation"]
+    variants = ("XLA default conv (YNNPACK)", "BatchNorm folded per call", "whole batch per step")
+    assert [(r["variant"], r["batch"]) for r in abl] == (
+        [(v, 1) for v in variants[:2]] + [(v, 2) for v in variants])
+    for r in abl:
+        check_timing(r, r["batch"])
+        l4 = next(x for x in rows if x["level"] == 4 and x["batch"] == r["batch"])
+        assert r["package_speedup"] == pytest.approx(l4["images_per_s"] / r["images_per_s"])
+
     # fp16 / int8 emulation next to fp32.
     prec = report["precision"]
     assert [r["precision"] for r in prec["rows"]] == ["fp32", "fp16", "int8"]
@@ -130,8 +150,13 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
         assert pt["threads"] == 1 and pt["memory_format"] == "channels_last"
         for r, b in zip(pt["rows"], (1, 2)):
             check_timing(r, b)
-            jax_l4 = next(x for x in rows if x["level"] == 4 and x["batch"] == b)
-            assert r["jax_over_pytorch"] == pytest.approx(jax_l4["images_per_s"] / r["images_per_s"])
+            # The ratio is the median of 2 alternating rounds, inside their spread, and agrees
+            # with the two sides' pooled speeds up to the rounds' spread.
+            assert r["rounds"] == 2 and positive(r["jax_images_per_s"])
+            assert r["jax_over_pytorch_min"] <= r["jax_over_pytorch"] <= r["jax_over_pytorch_max"]
+            assert r["repeats"] == 2 + 2 * 2  # the first measurement, then 2 calls per round
+            pooled = r["jax_images_per_s"] / r["images_per_s"]
+            assert 0.5 * r["jax_over_pytorch_min"] <= pooled <= 2 * r["jax_over_pytorch_max"]
         cv = report["converter"]
         assert positive(cv["first_s"]) and positive(cv["median_s"]) and cv["params"] == 9_163_428
         assert set(cv["phases_s"]) == {"read", "map", "write", "total"}
@@ -143,6 +168,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
     # One table: a line per measured row, then the footnotes; progress on stderr.
     table = printed.out
     assert table.count("JAX fp32 L") == len(rows)
+    assert table.count("JAX L4, ") == len(abl)
     for phrase in ["eval forward fp16 (emulated)", "eval forward int8 (emulated)", "train step",
                    "peak RSS", "speedup", str(out)]:
         assert phrase in table, phrase
@@ -158,7 +184,8 @@ def test_sections_can_be_skipped(random_checkpoint, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert all(report[s] is None for s in SECTIONS)
     assert report["skipped"] == {"pytorch": "--no-torch", "converter": "--no-torch",
-                                 "inference": "not selected", "precision": "not selected",
+                                 "inference": "not selected", "ablation": "not selected",
+                                 "precision": "not selected",
                                  "train_step": "not selected"}
     assert "skipped pytorch: --no-torch" in capsys.readouterr().out
 

@@ -15,9 +15,14 @@ Sections, each a function returning JSON-ready values, run in this order by
   level's MIoU on the validation split. Level k's output is head k of the full network (the
   pruned program computes exactly the nodes head k reads, tested in ``tests/test_model.py``),
   so one full-depth evaluation scores every level.
+* ``ablation`` -- L4 with one speed measure of the package undone at a time
+  (:data:`ABLATIONS`: XLA's default convolution path; BatchNorm folded inside every call
+  instead of once; the whole batch in one step instead of one image per step), and the
+  package's speedup over each, at each batch.
 * ``pytorch`` -- the same model (a PyTorch twin holding the same weights) in eager mode,
   ``channels_last``, eval mode under ``torch.inference_mode``, same batch and input size,
-  in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s.
+  in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s, the median
+  over rounds that alternate the two (see :func:`pytorch_section`).
 * ``precision`` -- fp16 and int8 emulation (``unetpp_jax.quant``) next to fp32: steady-state
   forward at the evaluation batch, the split's forward time derived from it, the ratio to
   fp32, and the int8 calibration time.
@@ -48,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SECTIONS = ("inference", "pytorch", "precision", "train_step", "converter")
+SECTIONS = ("inference", "ablation", "pytorch", "precision", "train_step", "converter")
 
 
 @dataclass
@@ -70,35 +75,75 @@ class Timing:
                 "repeats": self.repeats}
 
 
-def time_jitted(fn, *args, repeats: int = 5, warmup: int = 1,
-                sync: Callable | None = jax.block_until_ready) -> Timing:
+def time_jitted(fn, *args, repeats: int = 5, warmup: int = 1, min_time: float = 0.0,
+                sync: Callable | None = jax.block_until_ready, compiled: bool = False) -> Timing:
     """Time ``fn(*args)``: the first call (compile) apart, then ``warmup`` untimed calls, then
-    the median of ``repeats`` timed calls. ``sync`` waits for a call's result (JAX dispatch is
-    asynchronous); pass ``None`` for callables that return when done (PyTorch eager on CPU)."""
+    the median of at least ``repeats`` timed calls, more until they add up to ``min_time``
+    seconds (fast calls, batch 1, get enough samples to ride out a noisy machine). ``sync``
+    waits for a call's result (JAX dispatch is asynchronous); pass ``None`` for callables that
+    return when done (PyTorch eager on CPU). ``compiled=True``: ``fn`` already ran once, so
+    there is no first call to set apart (``compile_s`` is then 0)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sync = sync or (lambda out: out)
-    t0 = time.perf_counter()
-    sync(fn(*args))
-    compile_s = time.perf_counter() - t0
+    compile_s = 0.0
+    if not compiled:
+        t0 = time.perf_counter()
+        sync(fn(*args))
+        compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         sync(fn(*args))
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_time:
         t0 = time.perf_counter()
         sync(fn(*args))
         times.append(time.perf_counter() - t0)
-    return Timing(compile_s, float(np.median(times)), repeats, tuple(times))
+    return Timing(compile_s, float(np.median(times)), len(times), tuple(times))
 
 
 def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
-                   repeats: int = 5, warmup: int = 1) -> Timing:
-    """Inference forward (BatchNorm folded, probabilities of heads 1..prune_level) at one level."""
-    from unetpp_jax.model import predict_fn
+                   repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> Timing:
+    """Inference forward (probabilities of heads 1..prune_level) at one level as the package
+    runs it: BatchNorm folded once beforehand (``fold_batchnorm_variables``, as
+    ``evaluate.predict_split`` does) and ``predict_fn``'s default micro-batch."""
+    from unetpp_jax.model import fold_batchnorm_variables, predict_fn
 
     f = predict_fn(model, prune_level)
+    variables = fold_batchnorm_variables(variables)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-    return time_jitted(f, variables, x, repeats=repeats, warmup=warmup)
+    return time_jitted(f, variables, x, repeats=repeats, warmup=warmup, min_time=min_time)
+
+
+# What the package does for speed, undone one thing at a time (the README's "what helped"):
+# each variant is timed at L4 next to the package's own path, in the same run.
+ABLATIONS = {
+    "XLA default conv (YNNPACK)": "the package's compiler options left out",
+    "BatchNorm folded per call": "checkpoint variables, folded inside every forward",
+    "whole batch per step": "micro_batch=None instead of one image per step (CPU)",
+}
+
+
+def ablation_timing(model, variables, what: str, batch: int = 16, size: int = 96,
+                    repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> Timing:
+    """The L4 forward of :func:`forward_timing` with one of :data:`ABLATIONS` undone."""
+    from unetpp_jax.model import (default_micro_batch, fold_batchnorm_variables,
+                                  map_in_micro_batches, predict_fn, probabilities)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+    folded = fold_batchnorm_variables(variables)
+    if what == "XLA default conv (YNNPACK)":
+        f = jax.jit(lambda v, x: map_in_micro_batches(
+            lambda xc: probabilities(model.apply(v, xc, train=False)), x, default_micro_batch()))
+        return time_jitted(f, folded, x, repeats=repeats, warmup=warmup, min_time=min_time)
+    if what == "BatchNorm folded per call":
+        if "batch_stats" not in variables:
+            raise ValueError("BatchNorm folded per call: needs unfolded variables")
+        return time_jitted(predict_fn(model), variables, x, repeats=repeats, warmup=warmup,
+                           min_time=min_time)
+    if what == "whole batch per step":
+        return time_jitted(predict_fn(model, micro_batch=None), folded, x, repeats=repeats,
+                           warmup=warmup, min_time=min_time)
+    raise ValueError(f"unknown ablation {what!r}: one of {sorted(ABLATIONS)}")
 
 
 def peak_rss_mb() -> float:
@@ -119,8 +164,10 @@ class BenchConfig:
     size: int = 96  # input height = width of the inference, PyTorch and precision timings
     batches: tuple[int, ...] = (1, 16)
     levels: tuple[int, ...] = (1, 2, 3, 4)
-    repeats: int = 5  # timed calls per measurement (median)
+    repeats: int = 5  # timed calls per measurement (median) at least ...
+    min_time_s: float = 2.0  # ... and more until they take this long (batch-1 calls are short)
     warmup: int = 1  # untimed calls after the first (compiling) one
+    rounds: int = 5  # JAX / PyTorch alternations behind the ratio (the machine's speed drifts)
     eval_batch: int = 16  # batch of the evaluation and of the precision timings
     eval_images: int | None = None  # None: the whole validation split (134 images)
     calib_images: int = 50  # int8 calibration images from the split (the vendor used 50)
@@ -150,7 +197,8 @@ class BenchConfig:
 # ``max`` calibration skips the histogram pass; the section's code path is the same. One
 # PyTorch thread: on a busy machine its OpenMP threads spin against each other (a 32x32
 # forward took 1.6 s with 2 threads next to a training job, 45 ms with 1).
-QUICK = BenchConfig(size=32, batches=(1, 2), repeats=2, warmup=0, eval_batch=4, eval_images=8,
+QUICK = BenchConfig(size=32, batches=(1, 2), repeats=2, min_time_s=0.0, warmup=0, rounds=2,
+                    eval_batch=4, eval_images=8,
                     calib_images=4, calib_method="max", train_batch=2, train_size=32,
                     converter_repeats=1, torch_threads=1)
 
@@ -215,7 +263,7 @@ def inference_section(model, variables, cfg: BenchConfig, *, mious: dict[int, fl
     for batch in cfg.batches:
         for level in levels:
             t = forward_timing(model, variables, batch=batch, size=cfg.size, prune_level=level,
-                               repeats=cfg.repeats, warmup=cfg.warmup)
+                               repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
             row = {"level": level, **t.to_json(batch), "xla_flops": flops[level]}
             rows.append(row)
             log(f"inference L{level} batch {batch}: {row['images_per_s']:.2f} img/s "
@@ -229,36 +277,83 @@ def inference_section(model, variables, cfg: BenchConfig, *, mious: dict[int, fl
     return [r for r in rows if r["level"] in cfg.levels]
 
 
-def pytorch_section(torch_model, cfg: BenchConfig, jax_rows: list[dict] | None = None, *,
+def ablation_section(model, variables, cfg: BenchConfig, jax_rows: list[dict] | None = None, *,
+                     log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """L4 with each of :data:`ABLATIONS` undone, at each batch; ``package_speedup`` is the
+    package's L4 images/s (from ``jax_rows``) over the variant's."""
+    rows = []
+    for batch in cfg.batches:
+        ref = next((r for r in jax_rows or [] if r["level"] == 4 and r["batch"] == batch), None)
+        for what in ABLATIONS:
+            if what == "whole batch per step" and batch == 1:
+                continue  # the same program as the package's at batch 1
+            t = ablation_timing(model, variables, what, batch=batch, size=cfg.size,
+                                repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
+            row = {"variant": what, **t.to_json(batch)}
+            row["package_speedup"] = None if ref is None else ref["images_per_s"] / row["images_per_s"]
+            rows.append(row)
+            log(f"ablation {what} batch {batch}: {row['images_per_s']:.2f} img/s")
+    return rows
+
+
+def pytorch_section(torch_model, cfg: BenchConfig, model=None, variables=None, *,
                     log: Callable[[str], None] = lambda s: None) -> dict:
-    """PyTorch eager, channels_last, eval mode, ``inference_mode``, at each batch of ``cfg``.
+    """PyTorch eager, channels_last, eval mode, ``inference_mode``, at each batch of ``cfg``,
+    alternating with the package's JAX L4 forward when ``model``/``variables`` are given.
 
     ``torch_model`` is a twin holding the JAX model's weights (``experiments.torch_twin``).
-    Threads: ``cfg.torch_threads`` or one per core, restored afterwards.
+    Threads: ``cfg.torch_threads`` or one per core, restored afterwards. The ratio
+    ``jax_over_pytorch`` (JAX images/s over PyTorch's) is the median over ``cfg.rounds``
+    rounds, each timing JAX then PyTorch back to back, so that a drift in the machine's speed
+    (a shared VM's neighbours) hits both sides of a round alike; ``*_min``/``*_max`` give the
+    spread of the rounds.
     """
     import torch
+
+    from unetpp_jax.model import fold_batchnorm_variables, predict_fn
 
     threads = cfg.torch_threads or available_cores()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = torch_model.eval().to(memory_format=torch.channels_last)
+        tmodel = torch_model.eval().to(memory_format=torch.channels_last)
         gen = torch.Generator().manual_seed(0)
+        jax_f = None if model is None else predict_fn(model)
+        folded = None if model is None else fold_batchnorm_variables(variables)
         rows = []
         for batch in cfg.batches:
             x = torch.randn(batch, 3, cfg.size, cfg.size, generator=gen).contiguous(
                 memory_format=torch.channels_last)
+            xj = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
 
             def forward(x=x):
                 with torch.inference_mode():
-                    return model(x)
+                    return tmodel(x)
 
-            t = time_jitted(forward, repeats=cfg.repeats, warmup=cfg.warmup, sync=None)
+            kw = dict(repeats=cfg.repeats, min_time=cfg.min_time_s)
+            first = time_jitted(forward, warmup=cfg.warmup, sync=None, **kw)
+            torch_times, jax_times, ratios = list(first.times), [], []
+            if jax_f is not None:
+                time_jitted(jax_f, folded, xj, repeats=1, warmup=cfg.warmup)  # compile, warm
+                for _ in range(cfg.rounds):
+                    tj = time_jitted(jax_f, folded, xj, warmup=0, compiled=True, **kw)
+                    tt = time_jitted(forward, warmup=0, sync=None, compiled=True, **kw)
+                    jax_times += tj.times
+                    torch_times += tt.times
+                    ratios.append(tt.median_s / tj.median_s)
+            t = Timing(first.compile_s, float(np.median(torch_times)), len(torch_times),
+                       tuple(torch_times))
             row = t.to_json(batch)
-            ref = next((r for r in jax_rows or [] if r["level"] == 4 and r["batch"] == batch), None)
-            row["jax_over_pytorch"] = None if ref is None else ref["images_per_s"] / row["images_per_s"]
+            row["rounds"] = len(ratios)
+            row["jax_images_per_s"] = batch / float(np.median(jax_times)) if jax_times else None
+            row["jax_over_pytorch"] = float(np.median(ratios)) if ratios else None
+            row["jax_over_pytorch_min"] = min(ratios) if ratios else None
+            row["jax_over_pytorch_max"] = max(ratios) if ratios else None
             rows.append(row)
-            log(f"pytorch batch {batch}: {row['images_per_s']:.2f} img/s")
+            log(f"pytorch batch {batch}: {row['images_per_s']:.2f} img/s"
+                + (f", JAX L4 / PyTorch {row['jax_over_pytorch']:.2f} "
+                   f"({row['jax_over_pytorch_min']:.2f}-{row['jax_over_pytorch_max']:.2f} over "
+                   f"{len(ratios)} rounds)" if ratios else ""))
     finally:
         torch.set_num_threads(previous)
     return {"torch": torch.__version__, "threads": threads, "memory_format": "channels_last",
@@ -288,7 +383,7 @@ def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConf
         qmodel = quant.quantized_model(model, precision)
         qvars = calib.attach(variables) if precision == "int8" else variables
         t = forward_timing(qmodel, qvars, batch=cfg.eval_batch, size=cfg.size,
-                           repeats=cfg.repeats, warmup=cfg.warmup)
+                           repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
         row = {"precision": precision, **t.to_json(cfg.eval_batch),
                "split_forward_s": t.median_s * n_batches}
         rows.append(row)
@@ -413,8 +508,11 @@ def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
             report["meta"]["miou_note"] = "no checkpoint: MIoU skipped (random weights)"
         report["inference"] = inference_section(model, variables, cfg, mious=mious, log=log)
         done("inference")
+    if "ablation" in cfg.sections:
+        report["ablation"] = ablation_section(model, variables, cfg, report["inference"], log=log)
+        done("ablation")
     if "pytorch" in cfg.sections and twin is not None:
-        report["pytorch"] = pytorch_section(twin, cfg, report["inference"], log=log)
+        report["pytorch"] = pytorch_section(twin, cfg, model, variables, log=log)
         done("pytorch")
     if "precision" in cfg.sections:
         report["precision"] = precision_section(model, variables, split.images, cfg, log=log)
@@ -463,13 +561,22 @@ def format_table(report: dict) -> str:
         lines.append(line(f"JAX fp32 L{r['level']}", r["batch"], r["images_per_s"], r["latency_ms"],
                           r["compile_s"], r["xla_flops"] / 1e9, r["flops_ratio"], r["speedup"],
                           r["efficiency"], r["miou"]))
+    for r in report.get("ablation") or []:
+        gain = r["package_speedup"]
+        lines.append(line(f"JAX L4, {r['variant']}", r["batch"], r["images_per_s"],
+                          r["latency_ms"], r["compile_s"],
+                          note=(f"package L4 is x{gain:.2f} this" if gain is not None else "")
+                          + f"  ({ABLATIONS[r['variant']]})"))
     pt = report.get("pytorch")
     for r in (pt or {}).get("rows", []):
         ratio = r["jax_over_pytorch"]
+        note = "" if ratio is None else (
+            f"JAX L4 / PyTorch = {ratio:.2f} ({r['jax_over_pytorch_min']:.2f}-"
+            f"{r['jax_over_pytorch_max']:.2f}, {r['rounds']} alternating rounds; JAX "
+            f"{r['jax_images_per_s']:.2f} img/s)")
         lines.append(line("PyTorch eager channels_last", r["batch"], r["images_per_s"],
                           r["latency_ms"], r["compile_s"],
-                          note=(f"JAX L4 / PyTorch = {ratio:.2f}" if ratio is not None else "")
-                          + f"  ({pt['threads']} thread{'s' if pt['threads'] != 1 else ''})"))
+                          note=note + f"  ({pt['threads']} thread{'s' if pt['threads'] != 1 else ''})"))
     pr = report.get("precision")
     if pr:
         for r in pr["rows"]:
