@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                     "(default runs/bench.json)")
     ap.add_argument("--repeats", type=int, help="timed calls per measurement, median reported "
                     f"(default {BenchConfig.repeats}; --quick {QUICK.repeats})")
+    ap.add_argument("--rounds", type=int, help="alternating rounds over which compared programs "
+                    f"share their timed calls (default {BenchConfig.rounds}; --quick {QUICK.rounds})")
     ap.add_argument("--warmup", type=int, help="untimed calls after the compiling one "
                     f"(default {BenchConfig.warmup})")
     ap.add_argument("--size", type=int, help=f"input side for the timings (default {BenchConfig.size})")
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cfg = QUICK if args.quick else BenchConfig()
-    overrides = {"repeats": args.repeats, "warmup": args.warmup, "size": args.size,
+    overrides = {"repeats": args.repeats, "rounds": args.rounds, "warmup": args.warmup,
+                 "size": args.size,
                  "batches": tuple(args.batches) if args.batches else None,
                  "torch_threads": args.torch_threads,
                  "sections": ("inference",) if args.prune_only else

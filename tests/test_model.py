@@ -198,6 +198,26 @@ def test_folded_eval_equals_unfolded_batchnorm():
                                atol=2e-5, rtol=1e-5)
 
 
+def test_conv2d_of_parts_equals_conv_of_the_concatenation():
+    rng = np.random.default_rng(2)
+    parts = [jnp.asarray(rng.normal(size=(2, 8, 8, c)), jnp.float32) for c in (3, 5, 2)]
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 10, 4)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+    ref = jax.lax.conv_general_dilated(jnp.concatenate(parts, -1), kernel, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       precision="highest") + bias
+    np.testing.assert_allclose(layers.conv2d(parts, kernel, bias), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.conv2d(tuple(parts), kernel, bias), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.conv2d(parts[0], kernel[:, :, :3]),
+                               ref - bias - layers.conv2d(parts[1:], kernel[:, :, 3:]),
+                               rtol=1e-4, atol=1e-4)
+    assert layers.conv2d([p.astype(jnp.float16) for p in parts], kernel.astype(jnp.float16)).dtype \
+        == jnp.float16
+    np.testing.assert_array_equal(layers.concat_parts(parts), jnp.concatenate(parts, -1))
+    with pytest.raises(ValueError, match="input channels"):
+        layers.conv2d(parts[:2], kernel, bias)
+
+
 def test_prefolded_variables_give_the_same_predictions(model_and_vars):
     model, v = model_and_vars
     rng = np.random.default_rng(1)
@@ -239,7 +259,10 @@ def test_predict_program_uses_the_package_compiler_options(model_and_vars):
     model, v = model_and_vars
     x = jnp.zeros((1, 32, 32, 3))
     hlo = model_module._predict.lower(model, 4, None, v, x).compile().as_text()
-    assert hlo.count("convolution(") == 30  # the 15 nodes x 2 3x3 convs stay XLA convolutions
+    # The 3x3 convs stay XLA convolutions: 15 second convs, 5 first convs of X(i,0), and the
+    # first convs of the 10 skip nodes split into their j+1 input parts (30).
+    assert hlo.count("convolution(") == 15 + 5 + 30
+    assert "concatenate(" not in hlo  # no concatenation is written
     assert "__ynn_fusion" not in hlo
 
 

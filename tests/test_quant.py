@@ -134,13 +134,14 @@ def _primitives(jaxpr):
 def test_fp16_emulation_runs_in_float16_and_changes_probabilities_little(small):
     model, variables, images = small
     m16 = quant.quantized_model(model, "fp16")
-    # Every conv (30 + 4 heads), max-pool and upsampling tap (two gathers per axis, 10 upsamples)
-    # reads float16 values.
+    # Every conv (30 + 4 heads; the first conv of each of the 10 skip nodes runs as one conv per
+    # input part, 30 instead of 10), max-pool and upsampling tap (two gathers per axis,
+    # 10 upsamples) reads float16 values.
     ops = _primitives(jax.make_jaxpr(lambda v, x: m16.apply(v, x))(variables, images).jaxpr)
     convs = [e for e in ops if e.primitive.name == "conv_general_dilated"]
     pools = [e for e in ops if e.primitive.name.startswith("reduce_window")]
     taps = [e for e in ops if e.primitive.name == "gather"]
-    assert len(convs) == 34 and len(pools) == 4 and len(taps) == 4 * 10
+    assert len(convs) == 34 + 20 and len(pools) == 4 and len(taps) == 4 * 10
     assert all(e.invars[0].aval.dtype == jnp.float16 for e in convs + pools + taps)
     # (the blend itself: every arithmetic op of the upsampler runs in float16)
     from unetpp_jax.layers import upsample2x_align_corners

@@ -10,15 +10,17 @@ Sections, each a function returning JSON-ready values, run in this order by
 
 * ``inference`` -- fp32 images/s and latency at each batch for prune levels L1..L4, each level's
   XLA FLOPs, and ``flops_ratio = FLOPs(L4) / FLOPs(Lk)`` (how many times fewer FLOPs),
-  ``speedup = t(L4) / t(Lk)`` at the same batch, ``efficiency = speedup / flops_ratio``
+  ``speedup = t(L4) / t(Lk)`` at the same batch (levels timed in alternating rounds,
+  :func:`interleaved_timings`; the median of the rounds' ratios),
+  ``efficiency = speedup / flops_ratio``
   (1.0: time falls exactly with FLOPs; issue 7 asks >= 0.8), and, given a checkpoint, each
   level's MIoU on the validation split. Level k's output is head k of the full network (the
   pruned program computes exactly the nodes head k reads, tested in ``tests/test_model.py``),
   so one full-depth evaluation scores every level.
 * ``ablation`` -- L4 with one speed measure of the package undone at a time
   (:data:`ABLATIONS`: XLA's default convolution path; BatchNorm folded inside every call
-  instead of once; the whole batch in one step instead of one image per step), and the
-  package's speedup over each, at each batch.
+  instead of once; the whole batch in one step instead of one image per step; each node's
+  input concatenated before its conv), and the package's speedup over each, at each batch.
 * ``pytorch`` -- the same model (a PyTorch twin holding the same weights) in eager mode,
   ``channels_last``, eval mode under ``torch.inference_mode``, same batch and input size,
   in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s, the median
@@ -101,17 +103,60 @@ def time_jitted(fn, *args, repeats: int = 5, warmup: int = 1, min_time: float = 
     return Timing(compile_s, float(np.median(times)), len(times), tuple(times))
 
 
-def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
-                   repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> Timing:
-    """Inference forward (probabilities of heads 1..prune_level) at one level as the package
-    runs it: BatchNorm folded once beforehand (``fold_batchnorm_variables``, as
+def interleaved_timings(calls: dict, *, rounds: int, repeats: int, warmup: int = 1,
+                        min_time: float = 0.0) -> tuple[dict[Any, Timing], list[dict]]:
+    """Time several callables in alternating rounds, so that a drift in the machine's speed
+    (a shared VM's neighbours: 10-20% between minutes here) hits all of them alike.
+
+    ``calls`` maps a key to ``(fn, args, sync)``. Each is called once apart (compile) and
+    ``warmup`` times; then every round times each key in turn, ``ceil(repeats / rounds)``
+    calls at least and ``min_time / rounds`` seconds at least. Returns ``(timings, per_round)``:
+    per key a :class:`Timing` over all its timed calls, and per round ``{key: median s}``, from
+    which callers take ratios (a ratio is the median of its per-round ratios).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    # compile, then `warmup` untimed calls (the last one is time_jitted's single timed call)
+    first = {k: time_jitted(fn, *args, repeats=1, warmup=max(warmup - 1, 0), sync=sync)
+             for k, (fn, args, sync) in calls.items()}
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    per_round = []
+    for _ in range(rounds):
+        medians = {}
+        for k, (fn, args, sync) in calls.items():
+            t = time_jitted(fn, *args, repeats=math.ceil(repeats / rounds), warmup=0,
+                            min_time=min_time / rounds, sync=sync, compiled=True)
+            times[k] += t.times
+            medians[k] = t.median_s
+        per_round.append(medians)
+    timings = {k: Timing(first[k].compile_s, float(np.median(times[k])), len(times[k]),
+                         tuple(times[k])) for k in calls}
+    return timings, per_round
+
+
+def round_ratio(per_round: list[dict], num, den) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of ``per_round[r][num] / per_round[r][den]``."""
+    r = [m[num] / m[den] for m in per_round]
+    return float(np.median(r)), min(r), max(r)
+
+
+def forward_call(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
+                 micro_batch="auto"):
+    """``(fn, args)``: the inference forward (probabilities of heads 1..prune_level) as the
+    package runs it -- BatchNorm folded once beforehand (``fold_batchnorm_variables``, as
     ``evaluate.predict_split`` does) and ``predict_fn``'s default micro-batch."""
     from unetpp_jax.model import fold_batchnorm_variables, predict_fn
 
-    f = predict_fn(model, prune_level)
-    variables = fold_batchnorm_variables(variables)
+    f = predict_fn(model, prune_level, micro_batch=micro_batch)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-    return time_jitted(f, variables, x, repeats=repeats, warmup=warmup, min_time=min_time)
+    return f, (fold_batchnorm_variables(variables), x)
+
+
+def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
+                   repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> Timing:
+    """:func:`time_jitted` of :func:`forward_call`."""
+    f, args = forward_call(model, variables, batch, size, prune_level)
+    return time_jitted(f, *args, repeats=repeats, warmup=warmup, min_time=min_time)
 
 
 # What the package does for speed, undone one thing at a time (the README's "what helped"):
@@ -120,29 +165,43 @@ ABLATIONS = {
     "XLA default conv (YNNPACK)": "the package's compiler options left out",
     "BatchNorm folded per call": "checkpoint variables, folded inside every forward",
     "whole batch per step": "micro_batch=None instead of one image per step (CPU)",
+    "skip inputs concatenated": "each node's input concatenated before its conv, as torch.cat",
 }
 
 
-def ablation_timing(model, variables, what: str, batch: int = 16, size: int = 96,
-                    repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> Timing:
-    """The L4 forward of :func:`forward_timing` with one of :data:`ABLATIONS` undone."""
-    from unetpp_jax.model import (default_micro_batch, fold_batchnorm_variables,
-                                  map_in_micro_batches, predict_fn, probabilities)
+class _ConcatenatingFloat32:
+    """fp32 numerics that write each conv input's concatenation first (the ablation)."""
 
-    x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-    folded = fold_batchnorm_variables(variables)
+    def conv(self, module, name, x, kernel, bias):
+        from unetpp_jax.layers import concat_parts, conv2d
+
+        return conv2d(concat_parts(x), kernel, bias)
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+
+def ablation_call(model, variables, what: str, batch: int = 16, size: int = 96):
+    """``(fn, args)``: the L4 forward of :func:`forward_call` with one of :data:`ABLATIONS`
+    undone."""
+    from unetpp_jax.model import default_micro_batch, map_in_micro_batches, probabilities
+
+    f, (folded, x) = forward_call(model, variables, batch, size)
     if what == "XLA default conv (YNNPACK)":
-        f = jax.jit(lambda v, x: map_in_micro_batches(
-            lambda xc: probabilities(model.apply(v, xc, train=False)), x, default_micro_batch()))
-        return time_jitted(f, folded, x, repeats=repeats, warmup=warmup, min_time=min_time)
+        mb = default_micro_batch()
+        return jax.jit(lambda v, x: map_in_micro_batches(
+            lambda xc: probabilities(model.apply(v, xc, train=False)), x, mb)), (folded, x)
     if what == "BatchNorm folded per call":
         if "batch_stats" not in variables:
             raise ValueError("BatchNorm folded per call: needs unfolded variables")
-        return time_jitted(predict_fn(model), variables, x, repeats=repeats, warmup=warmup,
-                           min_time=min_time)
+        return f, (variables, x)
     if what == "whole batch per step":
-        return time_jitted(predict_fn(model, micro_batch=None), folded, x, repeats=repeats,
-                           warmup=warmup, min_time=min_time)
+        return forward_call(model, variables, batch, size, micro_batch=None)
+    if what == "skip inputs concatenated":
+        return forward_call(model.clone(numerics=_ConcatenatingFloat32()), variables, batch, size)
     raise ValueError(f"unknown ablation {what!r}: one of {sorted(ABLATIONS)}")
 
 
@@ -164,7 +223,7 @@ class BenchConfig:
     size: int = 96  # input height = width of the inference, PyTorch and precision timings
     batches: tuple[int, ...] = (1, 16)
     levels: tuple[int, ...] = (1, 2, 3, 4)
-    repeats: int = 5  # timed calls per measurement (median) at least ...
+    repeats: int = 10  # timed calls per measurement (median) at least ...
     min_time_s: float = 2.0  # ... and more until they take this long (batch-1 calls are short)
     warmup: int = 1  # untimed calls after the first (compiling) one
     rounds: int = 5  # JAX / PyTorch alternations behind the ratio (the machine's speed drifts)
@@ -261,38 +320,47 @@ def inference_section(model, variables, cfg: BenchConfig, *, mious: dict[int, fl
              for lv in levels}
     rows = []
     for batch in cfg.batches:
+        calls = {lv: (*forward_call(model, variables, batch, cfg.size, lv), jax.block_until_ready)
+                 for lv in levels}
+        timings, per_round = interleaved_timings(calls, rounds=cfg.rounds, repeats=cfg.repeats,
+                                                 warmup=cfg.warmup, min_time=cfg.min_time_s)
         for level in levels:
-            t = forward_timing(model, variables, batch=batch, size=cfg.size, prune_level=level,
-                               repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
-            row = {"level": level, **t.to_json(batch), "xla_flops": flops[level]}
+            t = timings[level]
+            speedup, lo, hi = round_ratio(per_round, 4, level)
+            row = {"level": level, **t.to_json(batch), "xla_flops": flops[level],
+                   "flops_ratio": flops[4] / flops[level], "speedup": speedup,
+                   "speedup_min": lo, "speedup_max": hi, "rounds": len(per_round),
+                   "miou": None if mious is None else mious.get(level)}
+            row["efficiency"] = speedup / row["flops_ratio"]
             rows.append(row)
-            log(f"inference L{level} batch {batch}: {row['images_per_s']:.2f} img/s "
-                f"(compile {t.compile_s:.1f} s)")
-    for row in rows:
-        ref = next(r for r in rows if r["level"] == 4 and r["batch"] == row["batch"])
-        row["flops_ratio"] = ref["xla_flops"] / row["xla_flops"]
-        row["speedup"] = ref["median_s"] / row["median_s"]
-        row["efficiency"] = row["speedup"] / row["flops_ratio"]
-        row["miou"] = None if mious is None else mious.get(row["level"])
+            log(f"inference L{level} batch {batch}: {row['images_per_s']:.2f} img/s, "
+                f"efficiency {row['efficiency']:.2f} (compile {t.compile_s:.1f} s)")
     return [r for r in rows if r["level"] in cfg.levels]
 
 
-def ablation_section(model, variables, cfg: BenchConfig, jax_rows: list[dict] | None = None, *,
+def ablation_section(model, variables, cfg: BenchConfig, *,
                      log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """L4 with each of :data:`ABLATIONS` undone, at each batch; ``package_speedup`` is the
-    package's L4 images/s (from ``jax_rows``) over the variant's."""
+    """L4 with each of :data:`ABLATIONS` undone, at each batch, in rounds alternating with the
+    package's own L4; ``package_speedup``: the package's speed over the variant's (median of
+    the rounds, with their spread)."""
     rows = []
     for batch in cfg.batches:
-        ref = next((r for r in jax_rows or [] if r["level"] == 4 and r["batch"] == batch), None)
-        for what in ABLATIONS:
-            if what == "whole batch per step" and batch == 1:
-                continue  # the same program as the package's at batch 1
-            t = ablation_timing(model, variables, what, batch=batch, size=cfg.size,
-                                repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
-            row = {"variant": what, **t.to_json(batch)}
-            row["package_speedup"] = None if ref is None else ref["images_per_s"] / row["images_per_s"]
+        variants = [w for w in ABLATIONS if not (w == "whole batch per step" and batch == 1)]
+        # (at batch 1 "whole batch per step" is the package's own program)
+        calls = {"package": (*forward_call(model, variables, batch, cfg.size),
+                             jax.block_until_ready)}
+        calls.update({w: (*ablation_call(model, variables, w, batch, cfg.size),
+                          jax.block_until_ready) for w in variants})
+        timings, per_round = interleaved_timings(calls, rounds=cfg.rounds, repeats=cfg.repeats,
+                                                 warmup=cfg.warmup, min_time=cfg.min_time_s)
+        for what in variants:
+            gain, lo, hi = round_ratio(per_round, what, "package")
+            row = {"variant": what, **timings[what].to_json(batch), "package_speedup": gain,
+                   "package_speedup_min": lo, "package_speedup_max": hi,
+                   "package_images_per_s": timings["package"].per_item(batch)}
             rows.append(row)
-            log(f"ablation {what} batch {batch}: {row['images_per_s']:.2f} img/s")
+            log(f"ablation {what} batch {batch}: {row['images_per_s']:.2f} img/s, package "
+                f"x{gain:.2f}")
     return rows
 
 
@@ -310,16 +378,12 @@ def pytorch_section(torch_model, cfg: BenchConfig, model=None, variables=None, *
     """
     import torch
 
-    from unetpp_jax.model import fold_batchnorm_variables, predict_fn
-
     threads = cfg.torch_threads or available_cores()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         tmodel = torch_model.eval().to(memory_format=torch.channels_last)
         gen = torch.Generator().manual_seed(0)
-        jax_f = None if model is None else predict_fn(model)
-        folded = None if model is None else fold_batchnorm_variables(variables)
         rows = []
         for batch in cfg.batches:
             x = torch.randn(batch, 3, cfg.size, cfg.size, generator=gen).contiguous(
@@ -330,30 +394,26 @@ def pytorch_section(torch_model, cfg: BenchConfig, model=None, variables=None, *
                 with torch.inference_mode():
                     return tmodel(x)
 
-            kw = dict(repeats=cfg.repeats, min_time=cfg.min_time_s)
-            first = time_jitted(forward, warmup=cfg.warmup, sync=None, **kw)
-            torch_times, jax_times, ratios = list(first.times), [], []
-            if jax_f is not None:
-                time_jitted(jax_f, folded, xj, repeats=1, warmup=cfg.warmup)  # compile, warm
-                for _ in range(cfg.rounds):
-                    tj = time_jitted(jax_f, folded, xj, warmup=0, compiled=True, **kw)
-                    tt = time_jitted(forward, warmup=0, sync=None, compiled=True, **kw)
-                    jax_times += tj.times
-                    torch_times += tt.times
-                    ratios.append(tt.median_s / tj.median_s)
-            t = Timing(first.compile_s, float(np.median(torch_times)), len(torch_times),
-                       tuple(torch_times))
-            row = t.to_json(batch)
-            row["rounds"] = len(ratios)
-            row["jax_images_per_s"] = batch / float(np.median(jax_times)) if jax_times else None
-            row["jax_over_pytorch"] = float(np.median(ratios)) if ratios else None
-            row["jax_over_pytorch_min"] = min(ratios) if ratios else None
-            row["jax_over_pytorch_max"] = max(ratios) if ratios else None
+            calls = {"pytorch": (forward, (), None)}
+            if model is not None:
+                f, (folded, _) = forward_call(model, variables, batch, cfg.size)
+                calls["jax"] = (f, (folded, xj), jax.block_until_ready)
+            timings, per_round = interleaved_timings(calls, rounds=cfg.rounds,
+                                                     repeats=cfg.repeats, warmup=cfg.warmup,
+                                                     min_time=cfg.min_time_s)
+            row = timings["pytorch"].to_json(batch)
+            row["rounds"] = len(per_round)
+            row["jax_images_per_s"] = row["jax_over_pytorch"] = None
+            row["jax_over_pytorch_min"] = row["jax_over_pytorch_max"] = None
+            if model is not None:
+                row["jax_images_per_s"] = timings["jax"].per_item(batch)
+                (row["jax_over_pytorch"], row["jax_over_pytorch_min"],
+                 row["jax_over_pytorch_max"]) = round_ratio(per_round, "pytorch", "jax")
             rows.append(row)
             log(f"pytorch batch {batch}: {row['images_per_s']:.2f} img/s"
                 + (f", JAX L4 / PyTorch {row['jax_over_pytorch']:.2f} "
                    f"({row['jax_over_pytorch_min']:.2f}-{row['jax_over_pytorch_max']:.2f} over "
-                   f"{len(ratios)} rounds)" if ratios else ""))
+                   f"{row['rounds']} rounds)" if model is not None else ""))
     finally:
         torch.set_num_threads(previous)
     return {"torch": torch.__version__, "threads": threads, "memory_format": "channels_last",
@@ -509,7 +569,7 @@ def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
         report["inference"] = inference_section(model, variables, cfg, mious=mious, log=log)
         done("inference")
     if "ablation" in cfg.sections:
-        report["ablation"] = ablation_section(model, variables, cfg, report["inference"], log=log)
+        report["ablation"] = ablation_section(model, variables, cfg, log=log)
         done("ablation")
     if "pytorch" in cfg.sections and twin is not None:
         report["pytorch"] = pytorch_section(twin, cfg, model, variables, log=log)
@@ -558,15 +618,17 @@ def format_table(report: dict) -> str:
                 f"{_f(sp, '.2f'):>8s}{_f(eff, '.2f'):>7s}{_f(miou, '.2f'):>7s}  {note}".rstrip())
 
     for r in report.get("inference") or []:
+        note = "" if r["level"] == 4 else (f"speedup {r['speedup_min']:.2f}-"
+                                           f"{r['speedup_max']:.2f} over {r['rounds']} rounds")
         lines.append(line(f"JAX fp32 L{r['level']}", r["batch"], r["images_per_s"], r["latency_ms"],
                           r["compile_s"], r["xla_flops"] / 1e9, r["flops_ratio"], r["speedup"],
-                          r["efficiency"], r["miou"]))
+                          r["efficiency"], r["miou"], note=note))
     for r in report.get("ablation") or []:
-        gain = r["package_speedup"]
-        lines.append(line(f"JAX L4, {r['variant']}", r["batch"], r["images_per_s"],
+        lines.append(line(f"L4 {r['variant']}", r["batch"], r["images_per_s"],
                           r["latency_ms"], r["compile_s"],
-                          note=(f"package L4 is x{gain:.2f} this" if gain is not None else "")
-                          + f"  ({ABLATIONS[r['variant']]})"))
+                          note=f"package L4 x{r['package_speedup']:.2f} faster "
+                               f"({r['package_speedup_min']:.2f}-{r['package_speedup_max']:.2f})"
+                               f"; {ABLATIONS[r['variant']]}"))
     pt = report.get("pytorch")
     for r in (pt or {}).get("rows", []):
         ratio = r["jax_over_pytorch"]

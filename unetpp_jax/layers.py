@@ -51,24 +51,60 @@ def torch_default_init(fan_in: int):
 XLA_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def conv2d(x: Array, kernel: Array, bias: Array | None = None) -> Array:
+# A conv input: an array, or the parts of a channel concatenation in order (UNet++'s dense skip
+# inputs [X(i,0), ..., X(i,j-1), up(X(i+1,j-1))]), which conv2d reads without concatenating.
+ConvInput = Any  # Array | Sequence[Array]
+
+
+def input_parts(x: ConvInput) -> list[Array]:
+    """The parts of a conv input (one part for a plain array)."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def map_parts(fn, x: ConvInput) -> ConvInput:
+    """``fn`` applied to every part of a conv input, keeping its form (array or list)."""
+    return [fn(p) for p in x] if isinstance(x, (list, tuple)) else fn(x)
+
+
+def concat_parts(x: ConvInput) -> Array:
+    """The conv input as one array (the channel concatenation of its parts)."""
+    parts = input_parts(x)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def conv2d(x: ConvInput, kernel: Array, bias: Array | None = None) -> Array:
     """Stride-1 'same' convolution (kernel 1x1 or 3x3), NHWC x HWIO -> NHWC, float32 accumulate.
+
+    ``x`` may be the parts of a channel concatenation: the result is then the sum of each
+    part's convolution with its slice of the kernel's input channels, which equals the
+    convolution of the concatenation (up to float32 summation order) without writing the
+    concatenated array. On XLA:CPU that made the UNet++ forward 3-4% faster (the concatenations
+    were ~7% of its time at batch 16).
 
     The output dtype is the input's; accumulation happens in float32 whatever the input dtype,
     which is what fp16 emulation relies on.
     """
+    parts = input_parts(x)
     kh, kw = kernel.shape[:2]
-    y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(1, 1),
-        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.float32,
-    )
+    if kernel.shape[2] != sum(p.shape[-1] for p in parts):
+        raise ValueError(f"kernel has {kernel.shape[2]} input channels, the input "
+                         f"{[p.shape[-1] for p in parts]}")
+    y, start = None, 0
+    for p in parts:
+        c = p.shape[-1]
+        part = jax.lax.conv_general_dilated(
+            p,
+            kernel[:, :, start:start + c],
+            window_strides=(1, 1),
+            padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=jnp.float32,
+        )
+        y = part if y is None else y + part
+        start += c
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(parts[0].dtype)
 
 
 @functools.lru_cache(maxsize=None)

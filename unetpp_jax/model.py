@@ -15,6 +15,9 @@ Every node is a double ``[conv3x3 -> BatchNorm -> ReLU]`` block named ``conv{i}_
 head a 1x1 conv named ``final{k}`` (``final`` without deep supervision), so the parameter tree
 mirrors UNET-ZOO's ``state_dict`` keys. The model returns *logits*; UNET-ZOO puts the sigmoid
 inside the model, here :func:`probabilities` applies it, so training losses can use logits.
+A node's concatenated input is handed to its first conv as the list of its parts
+(``layers.conv2d`` convolves each with its slice of the kernel and sums), which equals the conv
+of the concatenation without writing it.
 
 Pruned inference (paper §III-C): at level L only the nodes with i + j <= L are computed and
 head L is the output, so each level is its own, smaller, compiled program.
@@ -35,9 +38,11 @@ from unetpp_jax.layers import (
     BN_MOMENTUM,
     XLA_COMPILER_OPTIONS,
     Conv,
+    ConvInput,
     Float32,
     conv2d,
     fold_batchnorm,
+    input_parts,
     max_pool2x2,
     upsample2x_align_corners,
 )
@@ -61,9 +66,10 @@ class ConvBlock(nn.Module):
     numerics: Any = Float32()
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(self, x: ConvInput, train: bool = False) -> Array:
         for k in (1, 2):
-            kernel, bias = Conv(self.features, 3, name=f"conv{k}").weights(x.shape[-1])
+            in_features = sum(p.shape[-1] for p in input_parts(x))
+            kernel, bias = Conv(self.features, 3, name=f"conv{k}").weights(in_features)
             bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                               epsilon=BN_EPSILON, name=f"bn{k}")
             prefolded = (not self.is_initializing()
@@ -77,7 +83,7 @@ class ConvBlock(nn.Module):
                 x = nn.relu(bn(conv2d(x, kernel, bias)))
                 continue
             if self.is_initializing():  # create the BatchNorm variables
-                bn(jnp.zeros((1, 1, 1, self.features), x.dtype))
+                bn(jnp.zeros((1, 1, 1, self.features), jnp.float32))
             if not prefolded:  # fold here, on every call (see fold_batchnorm_variables)
                 kernel, bias = fold_batchnorm(kernel, bias, bn.variables["params"],
                                               bn.variables["batch_stats"])
@@ -132,10 +138,8 @@ class UNetPlusPlus(nn.Module):
         for i, j in grid_nodes(prune_level):
             if j == 0:
                 inp = x if i == 0 else max_pool2x2(X[i - 1, 0])
-            else:
-                same_row = [X[i, k] for k in range(j)]
-                inp = jnp.concatenate(same_row + [upsample2x_align_corners(X[i + 1, j - 1])],
-                                      axis=-1)
+            else:  # the concatenation, as its parts (layers.conv2d reads them in place)
+                inp = [X[i, k] for k in range(j)] + [upsample2x_align_corners(X[i + 1, j - 1])]
             X[i, j] = ConvBlock(self.widths[i], numerics=self.numerics, name=f"conv{i}_{j}")(
                 inp, train)
 

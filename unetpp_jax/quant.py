@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetpp_jax.layers import XLA_COMPILER_OPTIONS, Float32, conv2d
+from unetpp_jax.layers import XLA_COMPILER_OPTIONS, Float32, concat_parts, conv2d, map_parts
 
 Array = jax.Array
 
@@ -140,7 +140,8 @@ class Float16:
     def conv(self, module, name, x, kernel, bias):
         del module, name
         f16 = jnp.float16
-        return conv2d(x.astype(f16), kernel.astype(f16), bias.astype(f16))
+        return conv2d(map_parts(lambda p: p.astype(f16), x), kernel.astype(f16),
+                      bias.astype(f16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,9 @@ class Int8:
             return conv2d(x, kernel, bias)
         s = _read_scale(module, site_name(name, "in"))
         wq, ws = quantize_weights(kernel)
-        y = conv2d(quantize_to_grid(x.astype(jnp.float32), s), wq) * (s * ws) + bias
+        # One per-tensor scale for the whole (concatenated) input, applied part by part.
+        xq = map_parts(lambda p: quantize_to_grid(p.astype(jnp.float32), s), x)
+        y = conv2d(xq, wq) * (s * ws) + bias
         if self.requantize_concat_inputs and is_block_output(name):
             y = fake_quantize(y, _read_scale(module, site_name(name, "out")))
         return y
@@ -190,7 +193,7 @@ class Record:
     into the ``calibration_record`` collection, for :func:`calibrate`."""
 
     def conv(self, module, name, x, kernel, bias):
-        module.sow(RECORD_COLLECTION, site_name(name, "in"), x)
+        module.sow(RECORD_COLLECTION, site_name(name, "in"), concat_parts(x))
         y = conv2d(x, kernel, bias)
         if is_block_output(name):
             module.sow(RECORD_COLLECTION, site_name(name, "out"), jnp.maximum(y, 0))
