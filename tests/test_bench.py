@@ -82,7 +82,8 @@ def test_time_jitted_counts_calls_and_takes_the_median():
     calls.clear()
     t = time_jitted(lambda: calls.append(time.sleep(0.01)), repeats=4, warmup=0,
                     min_time=0.1, sync=None)
-    assert 9 <= t.repeats == len(calls) - 1 <= 12 and sum(t.times) >= 0.1
+    # (a loaded machine oversleeps: fewer calls then, never fewer than 4 nor a shorter total)
+    assert 4 <= t.repeats == len(calls) - 1 <= 11 and sum(t.times) >= 0.1
     # Interleaved rounds: each callable once apart, then ceil(repeats/rounds) calls per round.
     order = []
     timings, per_round = interleaved_timings(

@@ -247,6 +247,14 @@ def test_prefolded_variables_give_the_same_predictions(model_and_vars):
                                atol=1e-5)
     with pytest.raises(ValueError, match="folded"):
         model.apply(folded, x, train=True, mutable=["batch_stats"])
+    # params without their batch_stats are not "folded": inference refuses them (no silent
+    # skip of BatchNorm), folding refuses them, training creates fresh statistics as in Flax.
+    with pytest.raises(Exception, match="batch_stats"):
+        apply({"params": v["params"]}, x)
+    with pytest.raises(ValueError, match="batch_stats"):
+        fold_batchnorm_variables({"params": v["params"]})
+    _, upd = model.apply({"params": v["params"]}, x, train=True, mutable=["batch_stats"])
+    assert "bn2" in upd["batch_stats"]["conv0_4"]
 
 
 def test_predict_program_uses_the_package_compiler_options(model_and_vars):
@@ -281,9 +289,10 @@ def test_micro_batches_give_the_whole_batch_result(model_and_vars):
     ref = predict_fn(model, micro_batch=None)(v, x)[-1]
     for mb in (1, 2, "auto"):
         np.testing.assert_allclose(predict_fn(model, micro_batch=mb)(v, x)[-1], ref, atol=1e-6)
-    for bad in (0, -1, 1.5, "all"):
+    for bad in (0, -1, 1.5, "all", True):
         with pytest.raises(ValueError, match="micro_batch"):
             predict_fn(model, micro_batch=bad)
+    assert predict_fn(model, micro_batch=np.int64(2)).args[-1] == 2  # numpy ints: a plain int
 
 
 def test_predict_fn_compiles_once_per_model_and_shape(model_and_vars):

@@ -108,8 +108,8 @@ def interleaved_timings(calls: dict, *, rounds: int, repeats: int, warmup: int =
     """Time several callables in alternating rounds, so that a drift in the machine's speed
     (a shared VM's neighbours: 10-20% between minutes here) hits all of them alike.
 
-    ``calls`` maps a key to ``(fn, args, sync)``. Each is called once apart (compile) and
-    ``warmup`` times; then every round times each key in turn, ``ceil(repeats / rounds)``
+    ``calls`` maps a key to ``(fn, args, sync)``. Each is first called untimed
+    ``max(warmup, 1) + 1`` times (compile and warm-up); then every round times each key in turn, ``ceil(repeats / rounds)``
     calls at least and ``min_time / rounds`` seconds at least. Returns ``(timings, per_round)``:
     per key a :class:`Timing` over all its timed calls, and per round ``{key: median s}``, from
     which callers take ratios (a ratio is the median of its per-round ratios).
@@ -345,8 +345,11 @@ def ablation_section(model, variables, cfg: BenchConfig, *,
     the rounds, with their spread)."""
     rows = []
     for batch in cfg.batches:
-        variants = [w for w in ABLATIONS if not (w == "whole batch per step" and batch == 1)]
-        # (at batch 1 "whole batch per step" is the package's own program)
+        # At batch 1 "whole batch per step" is the package's own program; already folded
+        # variables have no per-call fold to compare with.
+        variants = [w for w in ABLATIONS
+                    if not (w == "whole batch per step" and batch == 1)
+                    and not (w == "BatchNorm folded per call" and "batch_stats" not in variables)]
         calls = {"package": (*forward_call(model, variables, batch, cfg.size),
                              jax.block_until_ready)}
         calls.update({w: (*ablation_call(model, variables, w, batch, cfg.size),
@@ -607,7 +610,8 @@ def format_table(report: dict) -> str:
         f"UNet++ benchmark: {meta['cpu']} ({meta['cores']} cores, load "
         f"{_f(meta['load_average_1min'], '.2f') or '?'} at start), JAX {meta['jax']} "
         f"{meta['backend']}; input {cfg['size']}x{cfg['size']}, "
-        f"median of {cfg['repeats']} after {cfg['warmup']} warm-up",
+        f"median of >= {cfg['repeats']} timed calls (more until they take "
+        f"{cfg.get('min_time_s', 0):g} s) after {cfg['warmup']} warm-up",
         f"checkpoint: {meta.get('checkpoint', '?')}; data: {meta.get('data', '?')}",
         head, "-" * len(head)]
 

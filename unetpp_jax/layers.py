@@ -42,8 +42,8 @@ def torch_default_init(fan_in: int):
 #
 # XLA:CPU in jaxlib 0.10 hands convolutions to YNNPACK by default. On the AVX-512 CPU of the
 # README's Performance section, its other convolution path (Eigen's spatial convolution) runs
-# UNet++'s convolutions 1.2-2x faster at 96x96 and 48x48 (experiments.conv_layouts), and the
-# whole fp32 forward at batch 16 goes from ~12.9 to ~15.0 images/s, so YNNPACK is switched off
+# UNet++'s convolutions 1.35-2.2x faster at 96x96 and 48x48 (experiments.conv_layouts), and the
+# whole fp32 forward x1.27-1.36 faster (batch 1 and 16), so YNNPACK is switched off
 # (an empty list of YNNPACK fusion types). Other backends ignore ``xla_cpu_*`` options. Set per
 # program rather than through the process-wide ``XLA_FLAGS``: importing this package changes
 # nothing for other JAX code; a program jitted outside the package (``jax.jit(model.apply)``)
@@ -78,8 +78,8 @@ def conv2d(x: ConvInput, kernel: Array, bias: Array | None = None) -> Array:
     ``x`` may be the parts of a channel concatenation: the result is then the sum of each
     part's convolution with its slice of the kernel's input channels, which equals the
     convolution of the concatenation (up to float32 summation order) without writing the
-    concatenated array. On XLA:CPU that made the UNet++ forward 3-4% faster (the concatenations
-    were ~7% of its time at batch 16).
+    concatenated array. On XLA:CPU that made the UNet++ forward x1.04-1.08 faster (the
+    concatenations were ~7% of its time at batch 16).
 
     The output dtype is the input's; accumulation happens in float32 whatever the input dtype,
     which is what fp16 emulation relies on.
@@ -167,10 +167,13 @@ class Numerics(Protocol):
 
     The model's topology is written once (``model.py``); precision emulation and calibration
     (``quant.py``) only swap this object. ``module`` is the calling Flax module, so an
-    implementation can read or ``sow`` per-site variables under the conv's own name.
+    implementation can read or ``sow`` per-site variables under the conv's own name. ``x`` is a
+    :data:`ConvInput`: an array, or the parts of a skip node's concatenated input (handle them
+    with :func:`map_parts` / :func:`conv2d`, or :func:`concat_parts` where the whole is needed).
     """
 
-    def conv(self, module: nn.Module, name: str, x: Array, kernel: Array, bias: Array) -> Array:
+    def conv(self, module: nn.Module, name: str, x: ConvInput, kernel: Array,
+             bias: Array) -> Array:
         ...
 
 
