@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unetpp_jax.layers import Float32, concat_parts
+
 SECTIONS = ("inference", "ablation", "pytorch", "precision", "train_step", "converter")
 
 
@@ -169,19 +171,12 @@ ABLATIONS = {
 }
 
 
-class _ConcatenatingFloat32:
-    """fp32 numerics that write each conv input's concatenation first (the ablation)."""
+class _ConcatenatingFloat32(Float32):
+    """fp32 numerics that write each conv input's concatenation first (the ablation);
+    hashing and equality by type come from ``Float32``."""
 
     def conv(self, module, name, x, kernel, bias):
-        from unetpp_jax.layers import concat_parts, conv2d
-
-        return conv2d(concat_parts(x), kernel, bias)
-
-    def __hash__(self):
-        return hash(type(self))
-
-    def __eq__(self, other):
-        return type(self) is type(other)
+        return super().conv(module, name, concat_parts(x), kernel, bias)
 
 
 def ablation_call(model, variables, what: str, batch: int = 16, size: int = 96):
