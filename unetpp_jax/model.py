@@ -166,7 +166,7 @@ def fold_batchnorm_variables(variables: dict) -> dict:
     Returns ``{'params': ...}`` (plus any collection other than ``batch_stats``, e.g.
     ``'quant'``) in which each node's ``conv1``/``conv2`` holds the folded kernel and bias
     (:func:`layers.fold_batchnorm`) and the ``bn1``/``bn2`` entries are gone. The model notices
-    the missing BatchNorm statistics and uses the kernels as they are, so the two trees give the
+    the missing BatchNorm parameters and uses the kernels as they are, so the two trees give the
     same outputs (up to float32 rounding of where the fold happens) in inference mode.
 
     Why: with unfolded variables every jitted forward folds the 30 kernels again (~36 MB

@@ -562,6 +562,10 @@ def site_statistics(model, variables: Mapping[str, Any], images, histogram: str 
         raise ValueError(f"expected a non-empty NHWC batch of images, got shape {images.shape}")
     recorder = model.clone(numerics=Record())
     variables = {k: v for k, v in variables.items() if k != QUANT_COLLECTION}
+    # Fold once, not inside each of the (up to two) passes over every batch.
+    from unetpp_jax.model import fold_batchnorm_variables
+
+    variables = fold_batchnorm_variables(variables)
     batches = list(_padded_batches(images, batch_size))
 
     def run(pass_name, stat, ranges, combine):
