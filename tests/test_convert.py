@@ -29,7 +29,8 @@ torch = pytest.importorskip("torch")  # the twin only; the converter itself neve
 from experiments.torch_twin import NestedUNet, randomize_batchnorm  # noqa: E402
 
 from unetpp_jax import checkpoint  # noqa: E402
-from unetpp_jax.model import load_pretrained, predict_fn  # noqa: E402
+from unetpp_jax.inference import predict_fn  # noqa: E402
+from unetpp_jax.model import load_pretrained  # noqa: E402
 from weights_port import convert, keymap, torch_format  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,22 +243,41 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, captured.err.strip()
 
 
-def test_key_problems_are_all_reported_and_nothing_written(tmp_path, twin, capsys):
+def test_key_problems_are_reported_briefly_and_nothing_written(tmp_path, twin, capsys):
     sd = dict(twin[0])
     del sd["conv2_2.conv.3.weight"]
     sd["extra.weight"] = torch.zeros(4, 2)
-    sd["conv0_0.conv.0.weight"] = torch.zeros(32, 1, 3, 3)
+    sd["conv1_1.conv.0.weight"] = torch.zeros(64, 1, 3, 3)
     sd["final2.bias"] = torch.zeros(2)
     src = save(sd, tmp_path / "bad.pth")
     code, err = run_cli(capsys, src, "-o", tmp_path / "out")
     assert code == 2
-    assert "1 missing, 1 unexpected, 2 shape mismatches" in err
+    assert "1 missing, 1 unexpected, 2 shape mismatches" in err and "nothing was written" in err
     assert "missing: conv2_2.conv.3.weight (model expects (128, 128, 3, 3))" in err
     assert "unexpected: extra.weight (checkpoint has (4, 2))" in err
-    assert "shape mismatch: conv0_0.conv.0.weight: checkpoint (32, 1, 3, 3), model (32, 3, 3, 3)" in err
+    assert "shape mismatch: conv1_1.conv.0.weight: checkpoint (64, 1, 3, 3), model (64, 192, 3, 3)" in err
     assert "shape mismatch: final2.bias: checkpoint (2,), model (1,)" in err
-    assert "nothing was written" in err
+    assert "unet-zoo layout" in err and len(err.splitlines()) <= 8
     no_leftovers(tmp_path, tmp_path / "out")
+
+    many = {k: v for k, v in twin[0].items() if not k.startswith(("conv0_", "conv1_"))}
+    code, err = run_cli(capsys, save(many, tmp_path / "many.pth"), "-o", tmp_path / "out")
+    assert code == 2 and len(err.splitlines()) <= 8 and re.search(r"\.\.\. and \d+ more", err)
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("smp", "segmentation_models_pytorch UnetPlusPlus"),
+    ("training", "whole training checkpoint"),
+    ("unrelated", "no key looks like a UNet++ node"),
+])
+def test_mismatch_names_the_format_it_looks_like(tmp_path, capsys, case, phrase):
+    z = torch.zeros(2)
+    obj = {"smp": {"encoder.conv1.weight": z, "encoder.layer1.0.conv1.weight": z,
+                   "decoder.blocks.x_0_0.conv1.0.weight": z, "segmentation_head.0.weight": z},
+           "training": {"epoch": 7, "optimizer": {"state": {}}, "weights": {"a": 1}},
+           "unrelated": {f"layer{i}.weight": z for i in range(50)}}[case]
+    code, err = run_cli(capsys, save(obj, tmp_path / f"{case}.pth"), "-o", tmp_path / "out")
+    assert code == 2 and phrase in err and len(err.splitlines()) <= 8, err
 
 
 def _truncated(data: bytes) -> bytes:
@@ -354,9 +374,8 @@ def test_existing_output_needs_force_and_force_never_wipes_other_dirs(tmp_path, 
     code, err = run_cli(capsys, src)
     assert code == 2 and "already exists" in err and "--force" in err
     assert (out / "metadata.json").read_text() == stamp
-    (out / "stale").write_text("from the old checkpoint")
     assert run_cli(capsys, src, "--force")[0] == 0
-    assert (out / "metadata.json").exists() and not (out / "stale").exists()  # replaced whole
+    assert (out / "metadata.json").exists()
     other = tmp_path / "photos"
     other.mkdir()
     (other / "keep.jpg").write_bytes(b"x")
@@ -383,7 +402,8 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_load_pretrained_checks_the_tree(tmp_path):
     variables = {"params": {"w": np.ones(3, np.float32)}, "batch_stats": {}}
-    checkpoint.save_variables(tmp_path / "c", variables, {"model": {"deep_supervision": True}})
+    checkpoint.save_variables(tmp_path / "c", variables,
+                              {"model": {"name": "UNetPlusPlus", "deep_supervision": True}})
     loaded, meta = checkpoint.load_variables(tmp_path / "c")
     assert isinstance(loaded["params"]["w"], jax.Array) and loaded["params"]["w"].shape == (3,)
     with pytest.raises(ValueError, match="do not fit UNetPlusPlus"):

@@ -7,8 +7,16 @@ set of expected PyTorch keys, and their shapes, follow from the model rather tha
 kept by hand. Every missing key, unexpected key, shape mismatch and non-float tensor is
 collected and raised together in one :class:`KeyMapError`.
 
-Layouts (REFERENCE §2): PyTorch convs are OIHW, Flax kernels HWIO; ``conv{i}_{j}.conv.0/.3`` are
-the block's two convs (``conv1``/``conv2``), ``.conv.1/.4`` its BatchNorms (``bn1``/``bn2``).
+Two source layouts (:data:`STYLES`), told apart by their keys (REFERENCE §2, §9):
+
+* ``unet-zoo`` (UNET-ZOO ``NestedUNet``): ``conv{i}_{j}.conv.0/.3`` are the block's two convs
+  (``conv1``/``conv2``), ``.conv.1/.4`` its BatchNorms (``bn1``/``bn2``);
+* ``pytorch-nested-unet`` (4uiiurz1's ``NestedUNet`` and ``UNet``): ``conv{i}_{j}.conv1``,
+  ``.bn1``, ``.conv2``, ``.bn2`` -- the Flax names themselves.
+
+Heads are ``final1..final4`` or ``final`` in both. PyTorch convs are OIHW, Flax kernels HWIO. The
+model's settings (heads, classes, input channels, widths, and ``UNet``'s plain skips) are read
+from the tensors' names and shapes unless the caller passes them (``config.yml``).
 
 BatchNorm variance: ``running_var`` is loaded as-is into ``batch_stats[...]['var']``. That is
 exactly what PyTorch's eval mode divides by, so inference reproduces PyTorch. PyTorch's running
@@ -30,11 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from unetpp_jax.model import WIDTHS, UNetPlusPlus
+from weights_port.torch_format import RESAVE_HINT, InertNamespace, printable
 
-WRAPPER_KEYS = ("state_dict", "model", "net")  # torch.save({'state_dict': ...}) and friends
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")  # training checkpoints
 DATAPARALLEL_PREFIX = "module."
 DROPPED_SUFFIX = ".num_batches_tracked"  # PyTorch's BN step counter; Flax keeps none
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_LISTED = 5  # problems listed by name in an error; the rest are counted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,23 +60,29 @@ IDENTITY = Transform("identity", lambda a: a, lambda s: tuple(s))
 OIHW_TO_HWIO = Transform("OIHW->HWIO", lambda a: np.transpose(a, (2, 3, 1, 0)),
                          lambda s: (s[3], s[2], s[0], s[1]))
 
-_SUBLAYER = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4"}  # nn.Sequential indices
+# Per source layout: how a block's sublayer is spelled in the PyTorch key.
+STYLES: dict[str, dict[str, str]] = {
+    "unet-zoo": {"conv1": "conv.0", "bn1": "conv.1", "conv2": "conv.3", "bn2": "conv.4"},
+    "pytorch-nested-unet": {"conv1": "conv1", "bn1": "bn1", "conv2": "conv2", "bn2": "bn2"},
+}
+ORIGINS = {"unet-zoo": "UNET-ZOO NestedUNet state_dict",
+           "pytorch-nested-unet": "pytorch-nested-unet (4uiiurz1) {arch} state_dict"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     flax_path: str  # regex over "collection/module/.../leaf"
-    torch_key: str  # str.format template over the regex groups (sublayer names -> indices)
+    torch_key: str  # str.format template over the regex groups (sublayers spelled per style)
     transform: Transform
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(r"params/(conv\d+_\d+)/(conv[12])/kernel", "{0}.conv.{1}.weight", OIHW_TO_HWIO),
-    Rule(r"params/(conv\d+_\d+)/(conv[12])/bias", "{0}.conv.{1}.bias", IDENTITY),
-    Rule(r"params/(conv\d+_\d+)/(bn[12])/scale", "{0}.conv.{1}.weight", IDENTITY),
-    Rule(r"params/(conv\d+_\d+)/(bn[12])/bias", "{0}.conv.{1}.bias", IDENTITY),
-    Rule(r"batch_stats/(conv\d+_\d+)/(bn[12])/mean", "{0}.conv.{1}.running_mean", IDENTITY),
-    Rule(r"batch_stats/(conv\d+_\d+)/(bn[12])/var", "{0}.conv.{1}.running_var", IDENTITY),
+    Rule(r"params/(conv\d+_\d+)/(conv[12])/kernel", "{0}.{1}.weight", OIHW_TO_HWIO),
+    Rule(r"params/(conv\d+_\d+)/(conv[12])/bias", "{0}.{1}.bias", IDENTITY),
+    Rule(r"params/(conv\d+_\d+)/(bn[12])/scale", "{0}.{1}.weight", IDENTITY),
+    Rule(r"params/(conv\d+_\d+)/(bn[12])/bias", "{0}.{1}.bias", IDENTITY),
+    Rule(r"batch_stats/(conv\d+_\d+)/(bn[12])/mean", "{0}.{1}.running_mean", IDENTITY),
+    Rule(r"batch_stats/(conv\d+_\d+)/(bn[12])/var", "{0}.{1}.running_var", IDENTITY),
     Rule(r"params/(final\d*)/kernel", "{0}.weight", OIHW_TO_HWIO),
     Rule(r"params/(final\d*)/bias", "{0}.bias", IDENTITY),
 )
@@ -86,11 +102,23 @@ class Target:
 
 
 class KeyMapError(ValueError):
-    """The checkpoint and the model disagree; ``problems`` lists every disagreement."""
+    """The checkpoint and the model disagree; ``problems`` lists every disagreement.
 
-    def __init__(self, header: str, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join([header] + [f"  {p}" for p in problems]))
+    The message is short whatever the file: the header, a few ``hints`` (what the file looks
+    like, what to do), the first :data:`MAX_LISTED` problems and a count of the rest.
+    """
+
+    def __init__(self, header: str, problems: list[str], hints: list[str] = ()):
+        self.header, self.problems, self.hints = header, list(problems), list(hints)
+        shown = self.problems[:MAX_LISTED]
+        lines = [header] + [f"  {h}" for h in self.hints] + [f"  {p}" for p in shown]
+        if len(self.problems) > len(shown):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
+        super().__init__("\n".join(lines))
+
+
+class NonFiniteError(ValueError):
+    """Some weights are NaN or infinite (after the cast to float32); refused unless allowed."""
 
 
 def abstract_variables(model: UNetPlusPlus, in_channels: int = 3) -> dict:
@@ -103,13 +131,15 @@ def abstract_variables(model: UNetPlusPlus, in_channels: int = 3) -> dict:
     return jax.eval_shape(model.init, rng, x)
 
 
-@functools.lru_cache(maxsize=8)
-def _expected_keys_for(model: UNetPlusPlus, in_channels: int) -> dict[str, Target]:
-    return expected_keys(abstract_variables(model, in_channels))
+@functools.lru_cache(maxsize=16)
+def _expected_keys_for(model: UNetPlusPlus, in_channels: int, style: str) -> dict[str, Target]:
+    return expected_keys(abstract_variables(model, in_channels), style)
 
 
-def expected_keys(abstract: Mapping) -> dict[str, Target]:
-    """PyTorch key -> :class:`Target` for every leaf of an abstract variable tree."""
+def expected_keys(abstract: Mapping, style: str = "unet-zoo") -> dict[str, Target]:
+    """PyTorch key (in the ``style`` layout) -> :class:`Target` for every leaf of an abstract
+    variable tree."""
+    sublayer = STYLES[style]
     targets: dict[str, Target] = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(dict(abstract))[0]:
         path = tuple(str(k.key) for k in keypath)
@@ -117,7 +147,7 @@ def expected_keys(abstract: Mapping) -> dict[str, Target]:
         for rule in RULES:
             m = re.fullmatch(rule.flax_path, joined)
             if m:
-                key = rule.torch_key.format(*(_SUBLAYER.get(g, g) for g in m.groups()))
+                key = rule.torch_key.format(*(sublayer.get(g, g) for g in m.groups()))
                 targets[key] = Target(path, rule.transform, tuple(leaf.shape))
                 break
         else:
@@ -126,34 +156,74 @@ def expected_keys(abstract: Mapping) -> dict[str, Target]:
 
 
 def _is_tensor(x) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
+    return (hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, Mapping)
+            and not isinstance(x, np.generic))
+
+
+def describe_value(v) -> str:
+    """A short, printable description of an entry read as inert data (for notes)."""
+    if v is None or isinstance(v, (bool, int, float, np.generic)):
+        kind = type(v).__name__ if not isinstance(v, np.generic) else v.dtype.name
+        return f"{kind} {printable(repr(v.item() if isinstance(v, np.generic) else v), 40)}"
+    if isinstance(v, str):
+        return f"str {printable(repr(v), 40)}"
+    if isinstance(v, InertNamespace):
+        return f"argparse.Namespace, {len(v.fields)} fields"
+    if isinstance(v, Mapping):
+        return f"dict, {len(v)} entries"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__}, {len(v)} items"
+    if _is_tensor(v):
+        return f"tensor {_fmt(v.shape)}"
+    return type(v).__name__
+
+
+def _is_state_dict(d) -> bool:
+    return isinstance(d, Mapping) and bool(d) and all(_is_tensor(v) for v in d.values())
+
+
+def _list_names(names, limit: int = 6) -> str:
+    names = [printable(n, 60) for n in names]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def extract_state_dict(obj: Any) -> tuple[dict[str, Any], list[str]]:
     """The state_dict inside a loaded checkpoint, and notes on what was unwrapped.
 
-    Accepts a bare state_dict, one wrapped under ``state_dict``/``model``/``net`` (training
-    checkpoints that also hold an epoch or optimizer state), and DataParallel's ``module.``
-    prefix on every key.
+    Accepts a bare state_dict, one wrapped under ``state_dict``/``model_state_dict``/``model``/
+    ``net`` (training checkpoints that also hold an epoch, metrics, ``args`` or optimizer state:
+    those entries were read as inert data and are listed in the note, then ignored), and
+    DataParallel's ``module.`` prefix on every key.
     """
     notes: list[str] = []
     if not isinstance(obj, Mapping):
         raise KeyMapError("no state_dict found", [f"the file holds a {type(obj).__name__}, "
                                                   "not a dict of tensors"])
     sd = obj
-    if not (sd and all(_is_tensor(v) for v in sd.values())):
+    if not _is_state_dict(sd):
         for key in WRAPPER_KEYS:
             inner = sd.get(key)
-            if isinstance(inner, Mapping) and inner and all(_is_tensor(v) for v in inner.values()):
-                notes.append(f"state_dict taken from the checkpoint's {key!r} entry "
-                             f"(ignored: {', '.join(sorted(map(str, set(sd) - {key}))) or 'nothing'})")
+            if _is_state_dict(inner):
+                others = [f"{printable(k, 60)} ({describe_value(v)})"
+                          for k, v in sd.items() if k != key]
+                shown = ", ".join(others[:8]) + (f", ... ({len(others)} in all)"
+                                                 if len(others) > 8 else "")
+                notes.append(f"state_dict taken from the checkpoint's {key!r} entry; other "
+                             f"entries read as inert data and ignored: {shown or 'none'}")
                 sd = inner
                 break
         else:
-            top = ", ".join(repr(k) for k in list(sd)[:12]) or "nothing"
+            top = _list_names([repr(k) for k in sd], 12) or "nothing"
+            training = {"epoch", "optimizer", "optimizer_state_dict", "scheduler", "args",
+                        "best_iou", "best_loss", "config", "step", "global_step"}
+            hints = []
+            if training & set(map(str, sd)):
+                hints.append("this looks like a whole training checkpoint without a model "
+                             f"state_dict under {'/'.join(WRAPPER_KEYS)}; {RESAVE_HINT}")
             raise KeyMapError("no state_dict found", [
                 f"expected a dict of tensors, or one under {'/'.join(WRAPPER_KEYS)}; "
-                f"the file's top-level keys are {top}"])
+                f"the file's top-level keys are {top}"], hints)
     if not all(isinstance(k, str) for k in sd):
         raise KeyMapError("no state_dict found", ["state_dict keys are not all strings"])
     if all(k.startswith(DATAPARALLEL_PREFIX) for k in sd):
@@ -170,6 +240,90 @@ def detect_deep_supervision(keys) -> bool:
     return not any(k.startswith("final.") for k in keys)
 
 
+_STYLE_PATTERNS = {
+    "pytorch-nested-unet": re.compile(r"conv\d+_\d+\.(conv|bn)[12]\."),
+    "unet-zoo": re.compile(r"conv\d+_\d+\.conv\.\d+\."),
+}
+
+
+def detect_style(keys) -> str | None:
+    """``'unet-zoo'`` or ``'pytorch-nested-unet'``, whichever layout most keys follow; None if
+    no key looks like either."""
+    counts = {style: sum(bool(p.match(k)) for k in keys) for style, p in _STYLE_PATTERNS.items()}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
+
+
+def infer_settings(sd: Mapping[str, Any], style: str) -> dict:
+    """The model settings a state_dict implies, read from its names and shapes: heads
+    (``deep_supervision``), ``num_classes`` (head width), ``in_channels`` (the first conv),
+    ``widths`` (each level's first conv) and ``skips`` (``'unet'`` when only the plain U-Net's
+    nodes are there, as in pytorch-nested-unet's ``UNet``)."""
+    sublayer = STYLES[style]
+
+    def shape(key):
+        v = sd.get(key)
+        return tuple(int(n) for n in v.shape) if _is_tensor(v) else None
+
+    deep_supervision = detect_deep_supervision(sd)
+    head = shape("final4.weight" if deep_supervision else "final.weight")
+    first = shape(f"conv0_0.{sublayer['conv1']}.weight")
+    levels = []
+    while shape(f"conv{len(levels)}_0.{sublayer['conv1']}.weight"):
+        levels.append(shape(f"conv{len(levels)}_0.{sublayer['conv1']}.weight"))
+    plain = (not any(k.startswith(("conv0_1.", "conv1_1.", "conv2_1.")) for k in sd)
+             and any(k.startswith("conv0_4.") for k in sd))
+    return {
+        "deep_supervision": deep_supervision,
+        "num_classes": head[0] if head and len(head) == 4 else 1,
+        "in_channels": first[1] if first and len(first) == 4 else 3,
+        "widths": tuple(s[0] for s in levels) if len(levels) >= 2 and all(
+            len(s) == 4 for s in levels) else tuple(WIDTHS),
+        "skips": "unet" if plain else "nested",
+    }
+
+
+def _model_supports_skips() -> bool:
+    return "skips" in {f.name for f in dataclasses.fields(UNetPlusPlus)}
+
+
+def build_model(settings: Mapping) -> UNetPlusPlus:
+    """``UNetPlusPlus`` for ``settings`` (as :func:`infer_settings` returns them)."""
+    kwargs = dict(num_classes=int(settings["num_classes"]), widths=tuple(settings["widths"]),
+                  deep_supervision=bool(settings["deep_supervision"]))
+    if _model_supports_skips():
+        kwargs["skips"] = settings.get("skips", "nested")
+    elif settings.get("skips", "nested") != "nested":
+        raise KeyMapError(
+            "plain U-Net checkpoint not supported yet", [
+                "this state_dict has only the plain U-Net's nodes (pytorch-nested-unet's UNet: "
+                "conv0_0..conv4_0, conv3_1, conv2_2, conv1_3, conv0_4); this version of "
+                "UNetPlusPlus has no skips='unet' option to run it"])
+    return UNetPlusPlus(**kwargs)
+
+
+def _format_hints(keys: list[str], style: str | None) -> list[str]:
+    """What a mismatching state_dict looks like, and what to do about it (a line or two)."""
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("encoder.") and (has("decoder.blocks.") or has("segmentation_head.")):
+        return ["this looks like a segmentation_models_pytorch UnetPlusPlus (keys encoder.*, "
+                "decoder.blocks.*, segmentation_head.*): a ResNet-style encoder with a nearest-"
+                "upsampling decoder, a different network that cannot be mapped onto this model"]
+    if style is None:
+        return ["no key looks like a UNet++ node (conv{i}_{j}.conv.0.* as in UNET-ZOO, or "
+                "conv{i}_{j}.conv1.* as in pytorch-nested-unet); is this the right file? "
+                f"first keys: {_list_names(keys, 4)}"]
+    return [f"keys follow the {style} layout; the differences below are the file's, not the "
+            "layout's (a modified network, or a truncated/edited state_dict)"]
+
+
+def _finite_problems(name: str, a: np.ndarray) -> str | None:
+    if np.isfinite(a).all():
+        return None
+    nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    return f"{printable(name)} ({nan} NaN, {inf} Inf of {a.size})"
+
+
 @dataclasses.dataclass
 class Conversion:
     variables: dict  # {'params': ..., 'batch_stats': ...} of float32 numpy arrays
@@ -178,6 +332,9 @@ class Conversion:
     dropped: list[str]  # entries deliberately ignored (num_batches_tracked)
     notes: list[str]  # wrapper / prefix handling
     dtype_casts: dict[str, int]  # source dtype -> number of tensors cast to float32
+    style: str = "unet-zoo"  # the source layout (a key of STYLES)
+    settings: dict = dataclasses.field(default_factory=dict)  # see infer_settings
+    nonfinite: list[str] = dataclasses.field(default_factory=list)  # accepted with allow_nonfinite
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -186,34 +343,45 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def convert_state_dict(obj: Any, *, widths=WIDTHS, num_classes: int = 1,
-                       in_channels: int = 3) -> Conversion:
-    """Convert a loaded UNET-ZOO checkpoint object into ``UNetPlusPlus`` variables.
+def convert_state_dict(obj: Any, *, settings: Mapping | None = None,
+                       allow_nonfinite: bool = False, **overrides) -> Conversion:
+    """Convert a loaded UNET-ZOO or pytorch-nested-unet checkpoint object into ``UNetPlusPlus``
+    variables.
 
     ``obj`` is what was unpickled (tensors anything with ``shape``/``dtype`` that ``np.asarray``
-    accepts). The head layout decides ``deep_supervision``. Raises :class:`KeyMapError` listing
-    every missing, unexpected, mis-shaped or non-float entry; nothing is partially converted.
+    accepts). The model's settings are inferred from the tensors (:func:`infer_settings`);
+    ``settings`` (e.g. from a ``config.yml``) and keyword ``overrides`` (``widths``,
+    ``num_classes``, ``in_channels``, ``deep_supervision``, ``skips``) take precedence. Raises
+    :class:`KeyMapError` listing every missing, unexpected, mis-shaped or non-float entry, and
+    :class:`NonFiniteError` for NaN/Inf weights (also float64 values that overflow float32)
+    unless ``allow_nonfinite``; nothing is partially converted.
     """
     sd, notes = extract_state_dict(obj)
-    deep_supervision = detect_deep_supervision(sd)
-    model = UNetPlusPlus(num_classes=num_classes, widths=tuple(widths),
-                         deep_supervision=deep_supervision)
-    targets = _expected_keys_for(model, in_channels)  # traced once per configuration
+    style = detect_style(sd) or "unet-zoo"
+    resolved = {**infer_settings(sd, style), **(settings or {}), **overrides}
+    resolved["widths"] = tuple(int(w) for w in resolved["widths"])
+    model = build_model(resolved)
+    in_channels = int(resolved["in_channels"])
+    targets = _expected_keys_for(model, in_channels, style)  # traced once per configuration
 
     bn_modules = {k[: -len(".running_mean")] for k in targets if k.endswith(".running_mean")}
     dropped = [k for k in sd if k.endswith(DROPPED_SUFFIX) and k[: -len(DROPPED_SUFFIX)] in bn_modules]
     drop = set(dropped)
     present = [k for k in sd if k not in drop]
 
-    heads = "final1..final4" if deep_supervision else "final"
+    heads = "final1..final4" if model.deep_supervision else "final"
     missing = [f"missing: {k} (model expects {_fmt(t.torch_shape)})"
                for k, t in targets.items() if k not in sd]
-    unexpected = [f"unexpected: {k} (checkpoint has {_fmt(sd[k].shape)})"
+    unexpected = [f"unexpected: {printable(k)} (checkpoint has {_fmt(sd[k].shape)})"
+                  if _is_tensor(sd[k]) else f"unexpected: {printable(k)} ({describe_value(sd[k])})"
                   for k in present if k not in targets]
     mismatched, not_float = [], []
     for k in present:
         t = targets.get(k)
         if t is None:
+            continue
+        if not _is_tensor(sd[k]):
+            mismatched.append(f"not a tensor: {k} ({describe_value(sd[k])})")
             continue
         shape = tuple(sd[k].shape)
         if shape != t.torch_shape:
@@ -226,27 +394,45 @@ def convert_state_dict(obj: Any, *, widths=WIDTHS, num_classes: int = 1,
         counts = ", ".join(f"{n} {what}" for n, what in [
             (len(missing), "missing"), (len(unexpected), "unexpected"),
             (len(mismatched), "shape mismatches"), (len(not_float), "non-float")] if n)
+        skips = f", skips={resolved.get('skips', 'nested')!r}" if resolved.get("skips") == "unet" else ""
         raise KeyMapError(
-            f"checkpoint does not match UNetPlusPlus(deep_supervision={deep_supervision}, heads "
-            f"{heads}): {counts} (shapes in PyTorch layout, OIHW for convs)", problems)
+            f"checkpoint does not match UNetPlusPlus(deep_supervision={model.deep_supervision}, "
+            f"heads {heads}{skips}): {counts} (shapes in PyTorch layout, OIHW for convs)",
+            problems, _format_hints(list(sd), detect_style(sd)))
 
     variables: dict = {}
     casts: dict[str, int] = {}
+    nonfinite: list[str] = []
     for k, t in targets.items():
         src_dtype = np.dtype(sd[k].dtype).name
         if src_dtype != "float32":
             casts[src_dtype] = casts.get(src_dtype, 0) + 1
         # np.array copies: the result never aliases the input (or the file's buffer).
-        _set(variables, t.path, np.array(t.transform.to_flax(np.asarray(sd[k])),
-                                         dtype=np.float32, order="C"))
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = np.array(t.transform.to_flax(np.asarray(sd[k])), dtype=np.float32, order="C")
+        bad = _finite_problems(k, value)
+        if bad:
+            nonfinite.append(bad)
+        _set(variables, t.path, value)
+    if nonfinite and not allow_nonfinite:
+        more = f" and {len(nonfinite) - 3} more tensors" if len(nonfinite) > 3 else ""
+        raise NonFiniteError(
+            f"non-finite weights (NaN/Inf, after the cast to float32): "
+            f"{'; '.join(nonfinite[:3])}{more}; a diverged or corrupt checkpoint? pass "
+            "--allow-nonfinite (allow_nonfinite=True) to convert it anyway")
+    if nonfinite:
+        notes.append(f"non-finite weights accepted (--allow-nonfinite): {'; '.join(nonfinite[:3])}"
+                     + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""))
     return Conversion(variables=variables, model=model, mapped=len(targets), dropped=dropped,
-                      notes=notes, dtype_casts=casts)
+                      notes=notes, dtype_casts=casts, style=style, settings=resolved,
+                      nonfinite=nonfinite)
 
 
 def _fmt(shape) -> str:
     return str(tuple(int(n) for n in shape))
 
 
-__all__ = ["RULES", "Rule", "Transform", "Target", "KeyMapError", "Conversion",
-           "abstract_variables", "expected_keys", "extract_state_dict", "detect_deep_supervision",
-           "convert_state_dict"]
+__all__ = ["RULES", "STYLES", "Rule", "Transform", "Target", "KeyMapError", "NonFiniteError",
+           "Conversion", "abstract_variables", "expected_keys", "extract_state_dict",
+           "detect_deep_supervision", "detect_style", "infer_settings", "build_model",
+           "describe_value", "convert_state_dict"]
