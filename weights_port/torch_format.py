@@ -165,6 +165,15 @@ class InertDtype:
         return dt if self.byteorder in ("|", "=") else dt.newbyteorder(self.byteorder)
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """``_codecs.encode(text, 'latin1')``: how protocol 2 spells a bytes object (numpy scalars'
+    raw data); nothing else is encoded."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or len(text) > 64:
+        raise UnsafePickleError("refused to load: an unexpected _codecs.encode record; nothing "
+                                "from the file was executed")
+    return text.encode("latin1")
+
+
 def _numpy_scalar(dtype, data=None):
     """``numpy.core.multiarray.scalar``: a numpy number from its raw bytes (numeric dtypes only)."""
     if not isinstance(dtype, InertDtype) or not isinstance(data, bytes):
@@ -332,6 +341,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "scalar"): AllowedFunction("numpy scalar", _numpy_scalar),
     ("numpy._core.multiarray", "scalar"): AllowedFunction("numpy scalar", _numpy_scalar),
     ("numpy", "dtype"): InertDtype,
+    ("_codecs", "encode"): AllowedFunction("_codecs.encode", _latin1_bytes),
     ("argparse", "Namespace"): InertNamespace,
     **{("torch", name): StorageType(name, np.dtype(dt)) for name, dt in _STORAGE_DTYPES.items()},
     **{("torch", name): TorchDtype(name, np.dtype(dt)) for name, dt in _TORCH_DTYPES.items()},
