@@ -4,7 +4,7 @@
                                 [--quick] [--no-torch] [--only SECTION ...] [--prune-only]
 
 Prints one table and writes the report as JSON (default ``runs/bench.json``); progress lines go
-to stderr. What each number means is in :mod:`unetpp_jax.benchmark`. For numbers worth
+to stderr. What each number means is in :mod:`experiments.benchmark`. For numbers worth
 publishing run it on an otherwise idle machine: the table's first line shows the load average
 at the start. ``--quick`` is a seconds-scale smoke run (32x32 input, batches 1 and 2, few
 repeats, 8 validation images) for tests, not for reporting.
@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 
-from unetpp_jax.benchmark import QUICK, SECTIONS, BenchConfig, format_table, run_benchmark, write_json
+from experiments.benchmark import QUICK, SECTIONS, BenchConfig, format_table, run_benchmark, write_json
 
 
 def _progress():
@@ -36,11 +36,11 @@ def load_model(checkpoint):
     (found as ``experiments.eval`` finds them), else a randomly initialised model (no MIoU)."""
     from unetpp_jax.checkpoint import is_checkpoint
     from unetpp_jax.model import UNetPlusPlus, init_variables
-    from unetpp_jax.weights import bundled_checkpoint_path, resolve_checkpoint
+    from unetpp_jax.pretrained import bundled_checkpoint_path, load_checkpoint
 
     if checkpoint is not None or is_checkpoint(bundled_checkpoint_path()):
-        model, variables, name = resolve_checkpoint(checkpoint)
-        return model, variables, name, True
+        loaded = load_checkpoint(checkpoint)
+        return loaded.model, loaded.variables, loaded.name, True
     model = UNetPlusPlus()
     return (model, init_variables(model),
             "none bundled (random weights: MIoU skipped; pass --checkpoint DIR)", False)

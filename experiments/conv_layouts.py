@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetpp_jax.benchmark import time_jitted
+from experiments.benchmark import time_jitted
 from unetpp_jax.layers import XLA_COMPILER_OPTIONS
 
 
@@ -78,7 +78,7 @@ def torch_conv_timing(x: np.ndarray, w: np.ndarray, repeats: int):
         import torch
     except ImportError:
         return None, None
-    from unetpp_jax.benchmark import available_cores
+    from experiments.benchmark import available_cores
 
     torch.set_num_threads(available_cores())
     xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(

@@ -1,88 +1,136 @@
-"""MIoU of UNet++ on the DSB2018 validation split at fp32, emulated fp16 and emulated int8,
-next to the vendor model-zoo card.
+"""MIoU of UNet++ on the DSB2018 validation split at every precision, next to the model-zoo card.
 
     python -m experiments.eval --precision all                     # bundled weights and data
     python -m experiments.eval --precision int8 --calibration kl-trt --head all
     python -m experiments.eval --checkpoint my_flax_ckpt --data stage1_train.zip --json out.json
 
 The metric is the card's: per-image foreground IoU (prediction >= 0.5, ground truth >= 125),
-averaged over the 134 validation images, x100. UNET-ZOO scores the last head, X(0,4).
+averaged over the validation images, x100. UNET-ZOO scores the last head.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8")
-
 
 def _precisions(values: list[str]) -> list[str]:
+    from unetpp_jax.numerics import EVAL_PRECISIONS
+
     out = []
     for v in values or ["fp32"]:
-        for p in (PRECISIONS if v == "all" else [v]):
+        for p in (EVAL_PRECISIONS if v == "all" else [v]):
             if p not in out:
                 out.append(p)
     return out
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _check_output(path: str, what: str, *, is_dir: bool, protect: list[Path]) -> None:
+    """Raise ValueError now, before any work, if ``path`` cannot be written or would overwrite
+    one of the inputs (``protect``: the checkpoint being read)."""
+    p = Path(path).expanduser().absolute()
+    for q in protect:
+        q = q.absolute()
+        if p == q or q in p.parents:
+            raise ValueError(f"{what} {path} is inside the checkpoint {q} being evaluated; "
+                             "write it somewhere else")
+    parent = p if is_dir and p.exists() else p.parent
+    while not parent.exists():  # the nearest existing ancestor must be writable
+        parent = parent.parent
+    if (p.exists() and is_dir and not p.is_dir()) or (p.exists() and not is_dir and p.is_dir()):
+        raise ValueError(f"{what} {path} exists and is a {'file' if is_dir else 'directory'}")
+    target = p if p.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{what} {path}: {target} is not writable")
+
+
 def main(argv=None) -> int:
+    from unetpp_jax.numerics import EVAL_PRECISIONS
     from unetpp_jax.quant import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", action="append", choices=PRECISIONS + ("all",),
-                    help="fp32, fp16, int8 or all; repeatable (default fp32)")
+    ap.add_argument("--precision", action="append", choices=EVAL_PRECISIONS + ("all",),
+                    help=f"{', '.join(EVAL_PRECISIONS)} or all; repeatable (default fp32)")
     ap.add_argument("--checkpoint", help="a checkpoint directory (weights_port/convert.py output "
                     "or an exported one) or a training workdir (its best checkpoint); "
                     "default: the bundled weights")
     ap.add_argument("--data", help="stage1_train folder or .zip, a preprocessed folder, or a TFDS "
                     "data_dir; default: the bundled 96x96 validation split")
-    ap.add_argument("--head", default="4", choices=["1", "2", "3", "4", "all"],
-                    help="head whose MIoU fills the table (default 4, as UNET-ZOO scores); "
-                         "'all' also prints every head's MIoU")
+    ap.add_argument("--head", default="last",
+                    help="head whose MIoU fills the table: 1..D, 'last' (default, as UNET-ZOO "
+                         "scores) or 'all' (also prints every head's MIoU)")
     ap.add_argument("--calibration", default="kl", choices=METHODS,
                     help="int8 activation calibration (default kl: TVM/MXNet, as the vendor)")
-    ap.add_argument("--calib-images", type=int, default=50,
+    ap.add_argument("--calib-images", type=_positive, default=50,
                     help="images used for calibration (default 50, as the vendor)")
     ap.add_argument("--calib-split", default="validation", choices=["validation", "train"],
                     help="where calibration images come from (default validation, as the vendor; "
                          "train needs --data with the training split)")
     ap.add_argument("--skip-first-conv", action="store_true",
-                    help="int8: keep conv0_0's first conv in float (TVM's skip_conv_layers=[0])")
+                    help="int8: keep the conv reading the image in float (TVM's skip_conv_layers=[0])")
     ap.add_argument("--requantize-concat", action="store_true",
-                    help="int8: also round every block output to its own int8 grid before concat")
-    ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch (default 16)")
+                    help="int8: also round every node output to its own int8 grid before concat")
+    ap.add_argument("--batch-size", type=_positive, default=16, help="evaluation batch (default 16)")
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON")
     ap.add_argument("--save-overlays", metavar="DIR",
                     help="write a PNG panel per image: image, ground truth, each precision, disagreement")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
-    import numpy as np
-
-    from unetpp_jax import evaluate, quant
-    from unetpp_jax.data.pipeline import load_split, normalize
-    from unetpp_jax.model import DEPTH, count_params, xla_flops
-    from unetpp_jax.weights import resolve_checkpoint
-
     progress = not args.no_progress
     try:
-        model, variables, ckpt_name = resolve_checkpoint(args.checkpoint)
+        from unetpp_jax.pretrained import bundled_checkpoint_path
+
+        protect = [Path(args.checkpoint) if args.checkpoint else bundled_checkpoint_path()]
+        if args.json:
+            _check_output(args.json, "--json", is_dir=False, protect=protect)
+        if args.save_overlays:
+            _check_output(args.save_overlays, "--save-overlays", is_dir=True, protect=protect)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from unetpp_jax import evaluate, quant
+    from unetpp_jax.counting import count_params, xla_flops
+    from unetpp_jax.data.registry import load_dataset as load_split
+    from unetpp_jax.numerics import get_numerics
+    from unetpp_jax.pretrained import load_checkpoint
+
+    try:
+        loaded = load_checkpoint(args.checkpoint)
         split = load_split(args.data, "validation", progress=progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    model, variables, spec = loaded.model, loaded.variables, loaded.input_spec
     precisions = _precisions(args.precision)
-    n_heads = DEPTH if model.deep_supervision else 1
-    head = n_heads if args.head == "all" else int(args.head)
-    if head > n_heads:
-        print(f"error: --head {head}: the checkpoint has {n_heads} head(s)", file=sys.stderr)
+    n_heads = model.num_heads
+    if args.head in ("all", "last"):
+        head = n_heads
+    elif args.head.isdigit() and 1 <= int(args.head) <= n_heads:
+        head = int(args.head)
+    else:
+        print(f"error: --head {args.head}: the checkpoint has heads 1..{n_heads} "
+              "(or use 'last' / 'all')", file=sys.stderr)
         return 2
+    int8_options = {"skip_first_conv": args.skip_first_conv,
+                    "requantize_concat_inputs": args.requantize_concat}
 
     calibration = None
-    if "int8" in precisions:
+    if any(get_numerics(p).needs_calibration for p in precisions):
         try:
             calib_split = split if args.calib_split == "validation" else load_split(
                 args.data, "train", progress=progress)
@@ -90,32 +138,40 @@ def main(argv=None) -> int:
             print(f"error: --calib-split train: {e}", file=sys.stderr)
             return 2
         n = min(args.calib_images, len(calib_split))
-        calibration = quant.calibrate(model, variables, normalize(calib_split.images[:n]),
-                                      method=args.calibration)
+        calibration = quant.calibrate(model, variables, spec.normalize(calib_split.images[:n]),
+                                      method=args.calibration,
+                                      progress=_calibration_bar(progress))
         print(f"calibrated {args.calibration} on {n} {args.calib_split} images in "
               f"{calibration.seconds:.1f} s")
 
     results = []
     for p in precisions:
+        options = int8_options if get_numerics(p).needs_calibration else {}
         r = evaluate.evaluate_precision(
-            model, variables, split, p, head=head, calibration=calibration, checkpoint=ckpt_name,
-            batch_size=args.batch_size, progress=progress, skip_first_conv=args.skip_first_conv,
-            requantize_concat_inputs=args.requantize_concat)
+            model, variables, split, p, head=head, calibration=calibration,
+            checkpoint=loaded.name, batch_size=args.batch_size, progress=progress,
+            input_spec=spec, **options)
         results.append(r)
         print(f"{p}: MIoU {r.miou:.3f} (head {r.head}), Dice {r.dice:.3f}, {r.n_images} images, "
               f"{r.seconds:.1f} s", flush=True)
+        if not all(map(_finite, r.miou_per_head)) or r.probs is not None and not _all_finite(r.probs):
+            print(f"warning: {p} predictions hold NaN or Inf: the checkpoint's weights may be "
+                  "damaged", file=sys.stderr)
 
-    size = split.size
-    flops = xla_flops(model, variables, (1, size, size, 3)) / 1e9
+    h, w = split.images.shape[1:3]
+    flops = xla_flops(model, variables, (1, h, w, spec.channels)) / 1e9
     params = count_params(variables["params"]) / 1e6
     print()
-    print(evaluate.format_table(results, flops_g=flops, params_m=params, shape=f"3x{size}x{size}",
-                                per_head=args.head == "all"))
-    print(f"\ncheckpoint: {ckpt_name}; data: {args.data or 'bundled validation split'} "
+    print(evaluate.format_table(results, flops_g=flops, params_m=params,
+                                shape=f"{spec.channels}x{h}x{w}", per_head=args.head == "all"))
+    print(f"\ncheckpoint: {loaded.name}; data: {args.data or 'bundled validation split'} "
           f"({len(split)} images); FLOPs: XLA count (the card's 10.897 is thop-based)")
     if args.json:
+        from unetpp_jax.files import write_text_atomic
+
         payload = [r.to_json() for r in results]
-        Path(args.json).write_text(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
+        write_text_atomic(args.json, json.dumps(payload[0] if len(payload) == 1 else payload,
+                                                indent=2))
         print(f"wrote {args.json}")
     if args.save_overlays:
         from unetpp_jax.visualize import save_overlays
@@ -124,6 +180,37 @@ def main(argv=None) -> int:
         paths = save_overlays(args.save_overlays, split.images, split.masks, split.ids, preds)
         print(f"wrote {len(paths)} overlay panels to {args.save_overlays}")
     return 0
+
+
+def _finite(x) -> bool:
+    import math
+
+    return math.isfinite(x)
+
+
+def _all_finite(a) -> bool:
+    import numpy as np
+
+    return bool(np.isfinite(a).all())
+
+
+def _calibration_bar(enabled: bool):
+    """A progress callback for quant.calibrate: one tqdm bar per pass."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bars = {}
+
+    def update(pass_name: str, done: int, total: int) -> None:
+        bar = bars.get(pass_name)
+        if bar is None:
+            bar = bars[pass_name] = tqdm(total=total, desc=f"calibrate ({pass_name})", leave=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
 
 
 if __name__ == "__main__":

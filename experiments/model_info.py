@@ -9,11 +9,10 @@ import argparse
 
 import jax
 
-from unetpp_jax.benchmark import forward_timing
-from unetpp_jax.model import UNetPlusPlus, conv_macs, count_params, init_variables, xla_flops
-
-CARD_PARAMS_M = 9.163
-CARD_GFLOPS = 10.897
+from experiments.benchmark import forward_timing
+from unetpp_jax.card import CARD_GFLOPS, CARD_PARAMS_M
+from unetpp_jax.counting import conv_macs, count_params, xla_flops
+from unetpp_jax.model import UNetPlusPlus, init_variables
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ PyTorch is never a dependency of the package: this module imports torch at the t
 it only where torch is known to be installed (the tests ``importorskip`` torch first;
 ``experiments.bench`` imports it lazily, after checking that torch is importable).
 
-Module names follow UNET-ZOO so that ``state_dict()`` has its keys (REFERENCE §2):
+Module names follow UNET-ZOO so that ``state_dict()`` has its keys:
 ``conv{i}_{j}.conv.{0,1,3,4}.*`` (a ``VGGBlock`` whose ``conv`` is
 ``Sequential(Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU)``) and ``final1..final4``
 (or ``final``). As in UNET-ZOO the sigmoid is applied inside ``forward``; upsampling is bilinear
@@ -36,23 +36,32 @@ class VGGBlock(nn.Module):
 
 
 class NestedUNet(nn.Module):
-    """NCHW in, sigmoid probabilities out: a list of heads 1..4, or one tensor without DS."""
+    """NCHW in, sigmoid probabilities out: a list of heads 1..D, or one tensor without DS.
+
+    ``skips='unet'`` is pytorch-nested-unet's plain ``UNet`` (the encoder column and the
+    decoder diagonal X(D-j, j), concatenating only X(i,0)); the depth D is ``len(widths) - 1``.
+    """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, deep_supervision: bool = True,
-                 widths=WIDTHS):
+                 widths=WIDTHS, skips: str = "nested"):
         super().__init__()
         self.deep_supervision = deep_supervision
+        self.skips = skips
+        self.depth = d = len(widths) - 1
         self.pool = nn.MaxPool2d(2, 2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.nodes = [(i, j) for j in range(5) for i in range(5 - j)]
+        if skips == "nested":
+            self.nodes = [(i, j) for j in range(d + 1) for i in range(d + 1 - j)]
+        else:
+            self.nodes = [(i, 0) for i in range(d + 1)] + [(d - j, j) for j in range(1, d + 1)]
         for i, j in self.nodes:
             if j == 0:
                 cin = in_channels if i == 0 else widths[i - 1]
             else:
-                cin = j * widths[i] + widths[i + 1]
+                cin = (j if skips == "nested" else 1) * widths[i] + widths[i + 1]
             setattr(self, f"conv{i}_{j}", VGGBlock(cin, widths[i], widths[i]))
         if deep_supervision:
-            for k in range(1, 5):
+            for k in range(1, d + 1):
                 setattr(self, f"final{k}", nn.Conv2d(widths[0], num_classes, 1))
         else:
             self.final = nn.Conv2d(widths[0], num_classes, 1)
@@ -63,11 +72,13 @@ class NestedUNet(nn.Module):
             if j == 0:
                 inp = x if i == 0 else self.pool(X[i - 1, 0])
             else:
-                inp = torch.cat([X[i, k] for k in range(j)] + [self.up(X[i + 1, j - 1])], 1)
+                same_row = range(j) if self.skips == "nested" else [0]
+                inp = torch.cat([X[i, k] for k in same_row] + [self.up(X[i + 1, j - 1])], 1)
             X[i, j] = getattr(self, f"conv{i}_{j}")(inp)
         if self.deep_supervision:
-            return [torch.sigmoid(getattr(self, f"final{k}")(X[0, k])) for k in range(1, 5)]
-        return torch.sigmoid(self.final(X[0, 4]))
+            return [torch.sigmoid(getattr(self, f"final{k}")(X[0, k]))
+                    for k in range(1, self.depth + 1)]
+        return torch.sigmoid(self.final(X[0, self.depth]))
 
 
 @torch.no_grad()
@@ -109,7 +120,7 @@ def from_flax(model, variables) -> NestedUNet:
     from weights_port.keymap import OIHW_TO_HWIO, abstract_variables, expected_keys
 
     twin = NestedUNet(num_classes=model.num_classes, deep_supervision=model.deep_supervision,
-                      widths=tuple(model.widths))
+                      widths=tuple(model.widths), skips=model.skips)
     state = {}
     for key, target in expected_keys(abstract_variables(model)).items():
         leaf = variables

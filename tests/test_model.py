@@ -5,18 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unetpp_jax import layers
-from unetpp_jax.model import (
-    UNetPlusPlus,
-    conv_macs,
-    count_params,
-    fold_batchnorm_variables,
-    grid_nodes,
-    init_variables,
-    map_in_micro_batches,
-    predict_fn,
-    xla_flops,
-)
+from unetpp_jax import inference, layers
+from unetpp_jax.counting import conv_macs, count_params, xla_flops
+from unetpp_jax.inference import fold_batchnorm_variables, map_in_micro_batches, predict_fn
+from unetpp_jax.model import UNetPlusPlus, grid_nodes, init_variables
 
 
 def jitted_apply(model):
@@ -170,7 +162,7 @@ def test_train_mode_updates_batch_stats_and_eval_folds_bn(model_and_vars):
 
 def test_folded_eval_equals_unfolded_batchnorm():
     # Independent re-statement: eval-mode BN written out unfolded, block by block, in numpy-ish jnp.
-    from unetpp_jax.model import ConvBlock
+    from unetpp_jax.encoders.vgg import ConvBlock
 
     blk = ConvBlock(8)
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 4))
@@ -258,15 +250,15 @@ def test_prefolded_variables_give_the_same_predictions(model_and_vars):
 
 
 def test_predict_program_uses_the_package_compiler_options(model_and_vars):
-    # layers.XLA_COMPILER_OPTIONS switches XLA:CPU's YNNPACK fusions off (Eigen convolutions
-    # are faster here, README Performance); the compiled inference program must show it.
+    # inference.compiler_options() switches XLA:CPU's YNNPACK fusions off (Eigen convolutions
+    # are faster here, docs/performance.md); the compiled inference program must show it.
     if jax.default_backend() != "cpu":
         pytest.skip("XLA:CPU option; this backend is " + jax.default_backend())
-    from unetpp_jax import model as model_module
+    assert inference.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
     model, v = model_and_vars
     x = jnp.zeros((1, 32, 32, 3))
-    hlo = model_module._predict.lower(model, 4, None, v, x).compile().as_text()
+    hlo = inference._predict_program().lower(model, 4, None, v, x).compile().as_text()
     # The 3x3 convs stay XLA convolutions: 15 second convs, 5 first convs of X(i,0), and the
     # first convs of the 10 skip nodes split into their j+1 input parts (30).
     assert hlo.count("convolution(") == 15 + 5 + 30
@@ -298,13 +290,12 @@ def test_micro_batches_give_the_whole_batch_result(model_and_vars):
 def test_predict_fn_compiles_once_per_model_and_shape(model_and_vars):
     # Validation runs every epoch and eval per precision: an equal model built anew must reuse
     # the compiled program instead of recompiling.
-    from unetpp_jax import model as model_module
-
+    program = inference._predict_program()
     model, v = model_and_vars
     x = jnp.zeros((3, 48, 80, 3))  # a shape no other test uses: the jit cache is process-wide
     predict_fn(model)(v, x)
-    n = model_module._predict._cache_size()
+    n = program._cache_size()
     predict_fn(UNetPlusPlus())(v, x + 1.0)
-    assert model_module._predict._cache_size() == n
+    assert program._cache_size() == n
     predict_fn(UNetPlusPlus(), prune_level=2)(v, x)
-    assert model_module._predict._cache_size() == n + 1
+    assert program._cache_size() == n + 1

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unetpp_jax import layers, quant
+from unetpp_jax import layers, numerics, quant
 from unetpp_jax.model import UNetPlusPlus, grid_nodes
 
 SMALL_WIDTHS = (8, 16, 32, 64, 128)
@@ -106,7 +106,7 @@ def _unfolded_forward(params, stats, x):
 
 def test_folded_batchnorm_equals_unfolded_in_fp32(small):
     model, variables, images = small
-    folded = logits(quant.quantized_model(model, "fp32"))(variables, images)
+    folded = logits(numerics.with_numerics(model, "fp32"))(variables, images)
     reference = jax.jit(_unfolded_forward)(variables["params"], variables["batch_stats"], images)
     for got, ref in zip(folded, reference):
         scale = float(jnp.max(jnp.abs(ref)))
@@ -133,7 +133,7 @@ def _primitives(jaxpr):
 
 def test_fp16_emulation_runs_in_float16_and_changes_probabilities_little(small):
     model, variables, images = small
-    m16 = quant.quantized_model(model, "fp16")
+    m16 = numerics.with_numerics(model, "fp16")
     # Every conv (30 + 4 heads; the first conv of each of the 10 skip nodes runs as one conv per
     # input part, 30 instead of 10), max-pool and upsampling tap (two gathers per axis,
     # 10 upsamples) reads float16 values.
@@ -159,7 +159,7 @@ def test_fp16_emulation_runs_in_float16_and_changes_probabilities_little(small):
 
 def test_weights_quantized_per_output_channel():
     kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 5, 4)) * jnp.array([1, 10, 0.01, 0])
-    q, s = quant.quantize_weights(kernel)
+    q, s = numerics.quantize_weights(kernel)
     assert q.shape == kernel.shape and s.shape == (4,)
     np.testing.assert_array_equal(q, jnp.round(q))
     np.testing.assert_array_equal(jnp.max(jnp.abs(q), axis=(0, 1, 2)), [127, 127, 127, 0])
@@ -169,14 +169,14 @@ def test_weights_quantized_per_output_channel():
 
 def test_fake_quantize_rounds_and_clips_to_plus_minus_127():
     x = jnp.array([-300.0, -1.26, -0.74, 0.0, 0.24, 0.26, 126.6, 127.6, 500.0])
-    np.testing.assert_allclose(quant.fake_quantize(x, 0.5 * jnp.ones(())) / 0.5,
+    np.testing.assert_allclose(numerics.fake_quantize(x, 0.5 * jnp.ones(())) / 0.5,
                                [-127, -3, -1, 0, 0, 1, 127, 127, 127])
 
 
 def test_int8_emulation_close_to_fp32(small, small_kl):
     model, variables, images = small
     p32 = probs(model, variables, images)
-    p8 = probs(quant.quantized_model(model, "int8"), small_kl.attach(variables), images)
+    p8 = probs(numerics.with_numerics(model, "int8"), small_kl.attach(variables), images)
     for a, b in zip(p32, p8):
         # A random network's probabilities spread little around 0.5 (std ~0.08); int8 moves
         # them by ~4% of that on average (measured 0.025-0.045 at most).
@@ -193,7 +193,7 @@ def test_int8_options(small, small_kl):
     v_ok, v_huge = small_kl.attach(variables), {**variables, "quant": huge}
 
     def run(v, **options):
-        return probs(quant.quantized_model(model, "int8", **options), v, images, 1)[-1]
+        return probs(numerics.with_numerics(model, "int8", **options), v, images, 1)[-1]
 
     # The first conv in float ignores its input scale; quantized, a huge scale zeroes its input.
     np.testing.assert_array_equal(run(v_ok, skip_first_conv=True), run(v_huge, skip_first_conv=True))
@@ -208,14 +208,14 @@ def test_int8_options(small, small_kl):
 def test_int8_without_scales_fails_clearly(small):
     model, variables, images = small
     with pytest.raises(ValueError, match="calibration.attach"):
-        quant.quantized_model(model, "int8").apply(variables, images[:1])
+        numerics.with_numerics(model, "int8").apply(variables, images[:1])
     with pytest.raises(ValueError, match="precision"):
-        quant.quantized_model(model, "int4")
+        numerics.with_numerics(model, "int4")
 
 
 def test_scales_are_data_not_recompiled(small, small_kl):
     model, variables, images = small
-    m8 = quant.quantized_model(model, "int8")
+    m8 = numerics.with_numerics(model, "int8")
     traces = []
 
     @jax.jit
@@ -227,7 +227,7 @@ def test_scales_are_data_not_recompiled(small, small_kl):
     a = f(small_kl.attach(variables), images)
     b = f({**variables, "quant": halved}, images)
     assert len(traces) == 1 and float(jnp.max(jnp.abs(a - b))) > 0
-    assert hash(quant.Int8()) == hash(quant.Int8()) and quant.Int8() != quant.Int8(True)
+    assert hash(numerics.Int8()) == hash(numerics.Int8()) and numerics.Int8() != numerics.Int8(True)
 
 
 # ------------------------------------------------------------------------ calibration
@@ -235,19 +235,19 @@ def test_scales_are_data_not_recompiled(small, small_kl):
 
 def test_calibration_one_compile_per_pass_and_padding_ignored(small):
     model, v, images = small
-    before = quant._batch_statistics._cache_size()
+    before = quant._batch_statistics_program()._cache_size()
     # 5 images at 2 per batch: 3 batches of 2, 1 padded image. (No other test uses batches
     # of 2, so this shape compiles here.)
     amax, hists = quant.site_statistics(model, v, images[:5], "signed", batch_size=2)
-    assert quant._batch_statistics._cache_size() - before == 2  # the max pass + the histogram pass
+    assert quant._batch_statistics_program()._cache_size() - before == 2  # the max pass + the histogram pass
     c = quant.calibrate(model, v, images[:5], "kl", batch_size=2)
-    assert quant._batch_statistics._cache_size() - before == 2  # and nothing more
+    assert quant._batch_statistics_program()._cache_size() - before == 2  # and nothing more
     assert c.amax == amax
     # 30 block convs + 4 heads have an input site, the 15 blocks an output site.
     sites = quant._flatten(c.scales)
     assert len(sites) == 30 + 4 + 15 and "conv0_1/conv1_in" in sites and "final4_in" in sites
     # Every real value is counted once, in int64, and the padded image not at all.
-    recorder = model.clone(numerics=quant.Record())
+    recorder = model.clone(numerics=numerics.Record())
     _, shapes = jax.eval_shape(lambda x: recorder.apply(v, x, mutable=[quant.RECORD_COLLECTION]),
                                images[:1])
     shapes = quant._unwrap_sown(shapes[quant.RECORD_COLLECTION])
@@ -255,7 +255,7 @@ def test_calibration_one_compile_per_pass_and_padding_ignored(small):
         assert h.dtype == np.int64 and h.sum() == 5 * np.prod(x.shape)
     # Nor does a huge padded image raise the max (same shapes: nothing compiles here).
     batch = jnp.asarray(np.stack([images[0], np.full_like(images[0], 1e3)]))
-    one = quant._batch_statistics(recorder, "max", v, batch, jnp.int32(1), None)
+    one = quant._batch_statistics_program()(recorder, "max", v, batch, jnp.int32(1), None)
     for m, m_all in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(amax)):
         assert 0 < float(m) <= m_all
 
@@ -478,7 +478,7 @@ def test_max_calibration_worse_than_kl_on_heavy_tails(dist, margin):
 
     def mse(method, threshold):
         scale = jnp.float32(quant.scale_from_threshold(method, threshold, m))
-        return float(jnp.mean((quant.fake_quantize(jnp.asarray(x), scale) - x) ** 2))
+        return float(jnp.mean((numerics.fake_quantize(jnp.asarray(x), scale) - x) ** 2))
 
     err_max = mse("max", m)
     assert mse("kl", quant.kl_threshold(*signed)) < margin * err_max

@@ -12,17 +12,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from unetpp_jax import metrics
-from unetpp_jax.data.pipeline import Split, normalize
-from unetpp_jax.model import DEPTH, fold_batchnorm_variables, predict_fn
+from unetpp_jax.data.pipeline import Split
+from unetpp_jax.card import CARD_GFLOPS, CARD_PARAMS_M, CARD_ROWS
+from unetpp_jax.data.normalization import UNETZOO_INPUT, InputSpec
+from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
+from unetpp_jax.numerics import get_numerics, options_of
 
 
 def predict_split(model, variables, images_uint8: np.ndarray, *, batch_size: int = 16,
-                  prune_level: int = DEPTH, progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Probabilities of every head for uint8 BGR images: ``(heads, N, H, W)`` float32.
+                  prune_level: int | None = None, progress: bool = False, desc: str = "predict",
+                  input_spec: InputSpec = UNETZOO_INPUT) -> np.ndarray:
+    """Probabilities of every head for uint8 BGR images: ``(heads, N, H, W)`` float32
+    (foreground channel of a one-class model).
 
-    The last batch is padded to ``batch_size`` (and the padding dropped), so the whole split
-    runs through one compiled program. BatchNorm is folded once for the whole split.
+    Images are normalised by ``input_spec`` (the checkpoint's). The last batch is padded to
+    ``batch_size`` (and the padding dropped), so the whole split runs through one compiled
+    program. BatchNorm is folded once for the whole split.
     """
+    normalize = input_spec.normalize
     f = predict_fn(model, prune_level)
     variables = fold_batchnorm_variables(variables)
     n = len(images_uint8)
@@ -63,10 +70,11 @@ def score_heads(probs: np.ndarray, masks_uint8: np.ndarray) -> HeadScores:
 
 
 def evaluate_split(model, variables, split: Split, *, batch_size: int = 16,
-                   prune_level: int = DEPTH, progress: bool = False) -> HeadScores:
+                   prune_level: int | None = None, progress: bool = False,
+                   input_spec: InputSpec = UNETZOO_INPUT) -> HeadScores:
     """Predict ``split`` and score every head."""
     probs = predict_split(model, variables, split.images, batch_size=batch_size,
-                          prune_level=prune_level, progress=progress)
+                          prune_level=prune_level, progress=progress, input_spec=input_spec)
     return score_heads(probs, split.masks)
 
 
@@ -74,13 +82,6 @@ def evaluate_split(model, variables, split: Split, *, batch_size: int = 16,
 # ---------------------------------------------------------------------------------------------
 # Precisions and the reference table
 
-REFERENCE_ROWS = (  # REFERENCE §1: the vendor model-zoo card, 3x96x96
-    ("UNET-ZOO (PyTorch)", "fp32", 84.164),
-    ("vendor fp16", "fp16", 83.179),
-    ("vendor int8, kl_divergence", "int8", 83.052),
-)
-CARD_GFLOPS = 10.897
-CARD_PARAMS_M = 9.163
 
 
 @dataclass
@@ -107,25 +108,26 @@ class PrecisionResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def evaluate_precision(model, variables, split: Split, precision: str, *, head: int | None = None,
+def evaluate_precision(model, variables, split: Split, precision, *, head: int | None = None,
                        calibration=None, checkpoint: str = "", batch_size: int = 16,
-                       progress: bool = False, skip_first_conv: bool = False,
-                       requantize_concat_inputs: bool = False) -> PrecisionResult:
-    """Evaluate ``split`` at ``precision`` (``fp32``, ``fp16`` or ``int8``; int8 needs the
-    :class:`unetpp_jax.quant.Calibration`) and score every head."""
+                       progress: bool = False, input_spec: InputSpec = UNETZOO_INPUT,
+                       **options) -> PrecisionResult:
+    """Evaluate ``split`` at ``precision`` -- a name of ``numerics.PRECISIONS`` with its
+    ``options``, or a numerics object -- and score every head. Precisions that need a
+    calibration (int8) take the :class:`unetpp_jax.quant.Calibration`."""
     import time
 
-    from unetpp_jax import quant
-
-    qmodel = quant.quantized_model(model, precision, skip_first_conv=skip_first_conv,
-                                   requantize_concat_inputs=requantize_concat_inputs)
-    if precision == "int8":
+    numerics = get_numerics(precision, **options)
+    precision = numerics.name
+    qmodel = model.clone(numerics=numerics)
+    if numerics.needs_calibration:
         if calibration is None:
-            raise ValueError("int8 evaluation needs a calibration (unetpp_jax.quant.calibrate)")
+            raise ValueError(f"{precision} evaluation needs a calibration "
+                             "(unetpp_jax.quant.calibrate)")
         variables = calibration.attach(variables)
     t0 = time.perf_counter()
     probs = predict_split(qmodel, variables, split.images, batch_size=batch_size,
-                          progress=progress, desc=f"eval {precision}")
+                          progress=progress, desc=f"eval {precision}", input_spec=input_spec)
     seconds = time.perf_counter() - t0
     scores = score_heads(probs, split.masks)
     n_heads = len(scores.miou_per_head)
@@ -133,10 +135,9 @@ def evaluate_precision(model, variables, split: Split, precision: str, *, head: 
     if not 1 <= head <= n_heads:
         raise ValueError(f"head {head} does not exist: the model has {n_heads} head(s)")
     calib = None
-    if calibration is not None and precision == "int8":
+    if calibration is not None and numerics.needs_calibration:
         calib = {"method": calibration.method, "num_images": calibration.num_images,
-                 "seconds": round(calibration.seconds, 3), "skip_first_conv": skip_first_conv,
-                 "requantize_concat_inputs": requantize_concat_inputs}
+                 "seconds": round(calibration.seconds, 3), **options_of(numerics)}
     return PrecisionResult(precision, scores.miou_per_head[head - 1], scores.miou_per_head,
                            scores.dice_per_head[head - 1], scores.dice_per_head, len(split),
                            checkpoint, calib, seconds, head, probs)
@@ -146,10 +147,9 @@ def format_table(results: list[PrecisionResult], *, flops_g: float, params_m: fl
                  shape: str = "3x96x96", per_head: bool = False) -> str:
     """The card's table (Model, Code Source, FLOPs, Params, MIoU, Shape) with our rows, the
     reference rows and the deltas to the reference row of the same precision."""
-    ref = {p: (src, m) for src, p, m in REFERENCE_ROWS}
     lines = ["| Model | Code Source | FLOPs (G) | Params (M) | MIoU | Shape | vs reference |",
              "|---|---|---|---|---|---|---|"]
-    for src, _, m in REFERENCE_ROWS:
+    for src, m in CARD_ROWS.values():
         flops = f"{CARD_GFLOPS:.3f}" if src.startswith("UNET") else "-"
         params = f"{CARD_PARAMS_M:.3f}" if src.startswith("UNET") else "-"
         lines.append(f"| UnetPP | {src} | {flops} | {params} | {m:.3f} | {shape} | reference |")
@@ -157,7 +157,8 @@ def format_table(results: list[PrecisionResult], *, flops_g: float, params_m: fl
         src = f"unetpp-jax {r.precision}" + (f" ({r.calibration['method']})" if r.calibration else "")
         if r.head != len(r.miou_per_head):
             src += f", head {r.head}"
-        delta = f"{r.miou - ref[r.precision][1]:+.3f}"
+        ref = CARD_ROWS.get(r.precision)
+        delta = f"{r.miou - ref[1]:+.3f}" if ref else "-"
         lines.append(f"| UnetPP | {src} | {flops_g:.3f} | {params_m:.3f} | {r.miou:.3f} | {shape} "
                      f"| {delta} |")
     if per_head:

@@ -1,15 +1,24 @@
-"""Small building blocks of UNet++: a PyTorch-initialised convolution, align-corners upsampling,
-BatchNorm folding, and the "numerics" hook through which every inference convolution runs.
+"""Building blocks shared by every architecture: a PyTorch-initialised convolution, a conv
+followed by BatchNorm that folds itself for inference, align-corners upsampling, max-pooling.
 
-Everything here is NHWC with HWIO kernels (Flax's layout); the converter in ``weights_port``
-transposes PyTorch's OIHW once at load time.
+Everything is NHWC with HWIO kernels (Flax's layout); the converter in ``weights_port``
+transposes PyTorch's OIHW once, at load time.
+
+Two conventions every model follows, so that precision code and BatchNorm folding never match
+layer names:
+
+* Every inference convolution runs through a *numerics* object (``unetpp_jax.numerics``) as
+  ``numerics.conv(module, name, x, kernel, bias, role)``, where ``role`` says what the conv does
+  (:data:`ROLES`).
+* A BatchNorm that follows a conv is named after it: the conv's name with ``conv`` replaced by
+  ``bn`` (``conv1`` -> ``bn1``, ``downsample_conv`` -> ``downsample_bn``), see :func:`bn_name`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,37 +27,26 @@ import numpy as np
 
 Array = jax.Array
 
-BN_EPSILON = 1e-5  # PyTorch nn.BatchNorm2d default, used by UNET-ZOO.
+BN_EPSILON = 1e-5  # PyTorch nn.BatchNorm2d default.
 BN_MOMENTUM = 0.9  # Flax convention; equals PyTorch momentum 0.1.
+
+# What a convolution does in the network; numerics objects decide by role, never by name.
+ROLE_INPUT = "input"    # reads the model's input image (TVM's skip_conv_layers=[0] keeps it float)
+ROLE_HIDDEN = "hidden"  # any other conv inside a block
+ROLE_NODE = "node"      # produces a grid node's output X(i,j), which feeds concatenations
+ROLE_HEAD = "head"      # a 1x1 output head (logits)
+ROLES = (ROLE_INPUT, ROLE_HIDDEN, ROLE_NODE, ROLE_HEAD)
 
 
 def torch_default_init(fan_in: int):
-    """PyTorch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
-
-    (kaiming_uniform with a=sqrt(5) reduces to this bound.) Used so that training from scratch
-    here starts from the same distribution as UNET-ZOO's models.
-    """
+    """PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+    (kaiming_uniform with a=sqrt(5) reduces to this bound)."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-# Compiler options of the inference programs this package jits
-# (``jax.jit(..., compiler_options=...)``); the training step keeps XLA's defaults (see
-# ``train.make_train_step``).
-#
-# XLA:CPU in jaxlib 0.10 hands convolutions to YNNPACK by default. On the AVX-512 CPU of the
-# README's Performance section, its other convolution path (Eigen's spatial convolution) runs
-# UNet++'s convolutions 1.35-2.2x faster at 96x96 and 48x48 (experiments.conv_layouts), and the
-# whole fp32 forward x1.27-1.36 faster (batch 1 and 16), so YNNPACK is switched off
-# (an empty list of YNNPACK fusion types). Other backends ignore ``xla_cpu_*`` options. Set per
-# program rather than through the process-wide ``XLA_FLAGS``: importing this package changes
-# nothing for other JAX code; a program jitted outside the package (``jax.jit(model.apply)``)
-# gets XLA's default unless it passes these options too.
-XLA_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 # A conv input: an array, or the parts of a channel concatenation in order (UNet++'s dense skip
@@ -72,38 +70,35 @@ def concat_parts(x: ConvInput) -> Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
-def conv2d(x: ConvInput, kernel: Array, bias: Array | None = None) -> Array:
-    """Stride-1 'same' convolution (kernel 1x1 or 3x3), NHWC x HWIO -> NHWC, float32 accumulate.
+def conv2d(x: ConvInput, kernel: Array, bias: Array | None = None, *, stride: int = 1,
+           padding: int | None = None, preferred_element_type=jnp.float32) -> Array:
+    """Convolution NHWC x HWIO -> NHWC with zero padding ``padding`` (default ``k // 2``: 'same'
+    at stride 1), accumulating in ``preferred_element_type`` (float32).
 
-    ``x`` may be the parts of a channel concatenation: the result is then the sum of each
-    part's convolution with its slice of the kernel's input channels, which equals the
-    convolution of the concatenation (up to float32 summation order) without writing the
-    concatenated array. On XLA:CPU that made the UNet++ forward x1.04-1.08 faster (the
-    concatenations were ~7% of its time at batch 16).
-
-    The output dtype is the input's; accumulation happens in float32 whatever the input dtype,
-    which is what fp16 emulation relies on.
+    ``x`` may be the parts of a channel concatenation: the result is the sum of each part's
+    convolution with its slice of the kernel's input channels -- the convolution of the
+    concatenation, without writing the concatenated array. The output dtype is the input's
+    (``int32`` accumulators are returned as they are).
     """
     parts = input_parts(x)
     kh, kw = kernel.shape[:2]
     if kernel.shape[2] != sum(p.shape[-1] for p in parts):
         raise ValueError(f"kernel has {kernel.shape[2]} input channels, the input "
                          f"{[p.shape[-1] for p in parts]}")
+    ph, pw = (kh // 2, kw // 2) if padding is None else (padding, padding)
     y, start = None, 0
     for p in parts:
         c = p.shape[-1]
         part = jax.lax.conv_general_dilated(
-            p,
-            kernel[:, :, start:start + c],
-            window_strides=(1, 1),
-            padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            preferred_element_type=jnp.float32,
-        )
+            p, kernel[:, :, start:start + c], window_strides=(stride, stride),
+            padding=((ph, ph), (pw, pw)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=preferred_element_type)
         y = part if y is None else y + part
         start += c
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
+        y = y + bias.astype(y.dtype)
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        return y
     return y.astype(parts[0].dtype)
 
 
@@ -112,9 +107,8 @@ def align_corners_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, n
     """Linear-interpolation taps with PyTorch ``align_corners=True`` geometry.
 
     Output pixel o samples input coordinate o * (n_in - 1) / (n_out - 1): the corner pixels of
-    input and output coincide. Returns ``(i0, i1, frac)``: output o = (1 - frac) * in[i0] +
-    frac * in[i1]. ``jax.image.resize`` uses half-pixel centres instead, which UNET-ZOO's
-    ``nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True)`` does not.
+    input and output coincide. Returns ``(i0, i1, frac)``: out[o] = (1 - frac) * in[i0] +
+    frac * in[i1]. (``jax.image.resize`` uses half-pixel centres and would not match.)
     """
     if n_in == 1 or n_out == 1:
         zeros = np.zeros(n_out, np.int32)
@@ -135,14 +129,14 @@ def _lerp_axis(x: Array, axis: int) -> Array:
 
 
 def upsample2x_align_corners(x: Array) -> Array:
-    """Bilinear x2 upsampling of NHWC ``x`` with align_corners=True (UNET-ZOO's ``self.up``).
-
-    Separable: a two-tap gather and blend along H, then along W (the order PyTorch's kernel
-    uses). On XLA:CPU this is ~25% faster for the whole UNet++ forward than the same
-    interpolation as two small matrix products, which force layout copies. Runs in ``x``'s
-    dtype (float16 under fp16 emulation).
-    """
+    """Bilinear x2 upsampling of NHWC ``x``, ``align_corners=True`` (``nn.Upsample`` in UNET-ZOO
+    and pytorch-nested-unet): a two-tap gather and blend along H, then W, in ``x``'s dtype."""
     return _lerp_axis(_lerp_axis(x, 1), 2)
+
+
+def upsample2x_nearest(x: Array) -> Array:
+    """Nearest-neighbour x2 upsampling (``F.interpolate(scale_factor=2, mode='nearest')``)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def max_pool2x2(x: Array) -> Array:
@@ -150,57 +144,84 @@ def max_pool2x2(x: Array) -> Array:
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
-def fold_batchnorm(kernel: Array, bias: Array, bn_params: dict, bn_stats: dict,
+def fold_batchnorm(kernel: Array, bias: Array | None, bn_params: dict, bn_stats: dict,
                    epsilon: float = BN_EPSILON) -> tuple[Array, Array]:
     """Fold an inference-mode BatchNorm that follows a conv into the conv's kernel and bias.
 
     BN(conv(x)) = gamma * (conv(x) + b - mean) / sqrt(var + eps) + beta
                 = conv_{W * s}(x) + (b - mean) * s + beta,   s = gamma / sqrt(var + eps).
     Exact in real arithmetic; in float32 it differs from the unfolded form by rounding only.
+    A conv without bias (``bias=None``) is folded as if its bias were 0.
     """
     s = bn_params["scale"] * jax.lax.rsqrt(bn_stats["var"] + epsilon)
-    return kernel * s, (bias - bn_stats["mean"]) * s + bn_params["bias"]
+    b = -bn_stats["mean"] if bias is None else bias - bn_stats["mean"]
+    return kernel * s, b * s + bn_params["bias"]
 
 
-class Numerics(Protocol):
-    """How an inference-mode (BatchNorm-folded) convolution is computed.
-
-    The model's topology is written once (``model.py``); precision emulation and calibration
-    (``quant.py``) only swap this object. ``module`` is the calling Flax module, so an
-    implementation can read or ``sow`` per-site variables under the conv's own name. ``x`` is a
-    :data:`ConvInput`: an array, or the parts of a skip node's concatenated input (handle them
-    with :func:`map_parts` / :func:`conv2d`, or :func:`concat_parts` where the whole is needed).
-    """
-
-    def conv(self, module: nn.Module, name: str, x: ConvInput, kernel: Array,
-             bias: Array) -> Array:
-        ...
-
-
-class Float32:
-    """Plain float32 inference: the default numerics."""
-
-    def conv(self, module, name, x, kernel, bias):
-        del module, name
-        return conv2d(x, kernel, bias)
-
-    def __hash__(self):
-        return hash(type(self))
-
-    def __eq__(self, other):
-        return type(self) is type(other)
+def bn_name(conv_name: str) -> str:
+    """The name of the BatchNorm that follows the conv ``conv_name`` (``conv1`` -> ``bn1``)."""
+    if "conv" not in conv_name:
+        raise ValueError(f"a conv followed by BatchNorm must have 'conv' in its name: {conv_name!r}")
+    return conv_name.replace("conv", "bn", 1)
 
 
 class Conv(nn.Module):
-    """A conv with bias, HWIO kernel, PyTorch default init (``nn.Conv2d(..., padding=k//2)``)."""
+    """The parameters of a conv: HWIO kernel and (optional) bias, PyTorch's default init
+    (``nn.Conv2d(..., bias=use_bias)``)."""
 
     features: int
     kernel_size: int = 3
+    use_bias: bool = True
+    kernel_init: Any = None  # default: torch_default_init(fan_in)
 
     @nn.compact
-    def weights(self, in_features: int) -> tuple[Array, Array]:
+    def weights(self, in_features: int) -> tuple[Array, Array | None]:
         k = self.kernel_size
         init = torch_default_init(in_features * k * k)
-        kernel = self.param("kernel", init, (k, k, in_features, self.features))
-        bias = self.param("bias", init, (self.features,))
+        kernel = self.param("kernel", self.kernel_init or init, (k, k, in_features, self.features))
+        bias = self.param("bias", init, (self.features,)) if self.use_bias else None
         return kernel, bias
+
+
+def conv_bn(module: nn.Module, x: ConvInput, features: int, *, name: str, numerics, role: str,
+            train: bool, kernel_size: int = 3, stride: int = 1, padding: int | None = None,
+            use_bias: bool = True, kernel_init=None) -> Array:
+    """``BatchNorm(conv(x))`` with the conv named ``name`` and the BatchNorm :func:`bn_name`,
+    both created in ``module``'s scope (call it from a compact method). No activation.
+
+    Training: batch statistics, ``batch_stats`` updated, plain float32 conv. Inference: the
+    BatchNorm is folded into the conv (:func:`fold_batchnorm`) -- unless the variables were
+    folded beforehand (``inference.fold_batchnorm_variables``: the BatchNorm's parameters are
+    then absent) -- and the conv runs through ``numerics`` with its ``role``.
+    """
+    in_features = sum(p.shape[-1] for p in input_parts(x))
+    kernel, bias = Conv(features, kernel_size, use_bias, kernel_init, name=name).weights(in_features)
+    bname = bn_name(name)
+    bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      name=bname)
+    initializing = module.is_initializing()
+    prefolded = not initializing and bname not in module.variables.get("params", {})
+    if train:
+        if prefolded:
+            raise ValueError(
+                f"{module.name}/{name}: these variables have BatchNorm folded into the convs "
+                "(fold_batchnorm_variables) and can only run inference; train from the unfolded "
+                "variables (the checkpoint as saved)")
+        return bn(conv2d(x, kernel, bias, stride=stride, padding=padding))
+    if initializing:  # create the BatchNorm's variables
+        bn(jnp.zeros((1, 1, 1, features), jnp.float32))
+    if not prefolded:
+        kernel, bias = fold_batchnorm(kernel, bias, bn.variables["params"],
+                                      bn.variables["batch_stats"])
+    elif bias is None:  # folded trees always carry a bias
+        bias = module.variables["params"][name]["bias"]
+    return numerics.conv(module, name, x, kernel, bias, role, stride=stride, padding=padding)
+
+
+def conv_head(module: nn.Module, x: Array, features: int, *, name: str, numerics,
+              train: bool) -> Array:
+    """A 1x1 conv with bias producing logits (role :data:`ROLE_HEAD`), float32 out."""
+    kernel, bias = Conv(features, 1, name=name).weights(x.shape[-1])
+    out = conv2d(x, kernel, bias) if train else numerics.conv(module, name, x, kernel, bias,
+                                                              ROLE_HEAD)
+    return out.astype(jnp.float32)

@@ -1,62 +1,23 @@
-"""Reduced-precision inference for UNet++: fp16 and int8 emulation, and int8 calibration.
+"""int8 calibration: per-site activation scales from fp32 runs, with the KL-divergence
+thresholds of TVM/MXNet (``kl``) and TensorRT (``kl-trt``), max and percentile.
 
-Everything here plugs into the model through its ``numerics`` hook (``layers.Numerics``): in
-inference mode every convolution -- the 30 block convs with BatchNorm already folded in
-(``layers.fold_batchnorm``) and the 1x1 heads -- is ``numerics.conv(module, name, x, kernel,
-bias)``. :func:`quantized_model` swaps that object; the topology stays written once in
-``model.py``. The usual convention of REFERENCE §6 is emulated:
+The fp32 model with ``numerics.Record`` sows every conv input (and every node output, for the
+``requantize_concat_inputs`` option) and one jitted function per pass reduces them to per-site
+statistics, so each batch is one compiled call: pass 1 gives max |x| per site, pass 2 (histogram
+methods) a histogram per site over that range. The threshold per site then comes from
+:func:`kl_threshold` (``kl``), :func:`kl_threshold_trt` (``kl-trt``),
+:func:`percentile_threshold` or the max; the scale is ``T/128`` (TVM, ``kl``) or ``T/127``.
 
-* **fp16** (:class:`Float16`): folded weights, bias and the conv input cast to float16,
-  accumulation in float32, output rounded back to float16. ReLU, max-pool, the align-corners
-  upsampler (its interpolation weights rounded to float16 too) and concat then run on float16
-  values; the heads' logits are cast to float32 by the model, and the sigmoid runs in float32.
-* **int8** (:class:`Int8`): weights symmetric per output channel (max |w| / 127, round to
-  nearest, clip to [-127, 127]); each conv input fake-quantized symmetrically per tensor with a
-  calibrated scale ``s``: ``clip(round(x / s), -127, 127)`` (TVM clips to +-127, not -128). The
-  convolution runs on the integer grid (integer-valued float32 operands, exactly what an int8
-  kernel multiplies; integers up to 127 are exact even under TF32) and is rescaled by
-  ``s * s_w`` per output channel; the bias stays float (an int32 bias at scale ``s * s_w`` differs
-  by ~1e-9 relative). Max-pool, upsampling, concat and sigmoid run in float.
-* **calibration** (:func:`calibrate`): the fp32 model with :class:`Record` numerics sows every
-  conv input (and every block output, for the ``requantize_concat_inputs`` option) and one
-  jitted function per pass reduces them to per-site statistics, so each batch is one compiled
-  call: pass 1 gives max |x| per site, pass 2 (histogram methods) a histogram per site over
-  that range. The threshold per site then comes from :func:`kl_threshold` (``kl``),
-  :func:`kl_threshold_trt` (``kl-trt``), :func:`percentile_threshold` or the max.
+Calibrated scales are data, not static attributes: a tree in the ``'quant'`` collection that
+mirrors ``params`` (``{'conv0_1': {'conv1_in': s, 'conv2_in': s, 'conv2_out': s}, ...,
+'final4_in': s}``), read by ``numerics.Int8``, so new scales never recompile the model::
 
-Calibrated scales are *data*, not static attributes: a pytree in the variable collection
-``'quant'`` that mirrors ``params`` -- ``{'conv0_1': {'conv1_in': s, 'conv2_in': s,
-'conv2_out': s}, ..., 'final4_in': s}`` -- read by :class:`Int8` with ``module.get_variable``
-under the conv's name, so new scales never recompile the model.
+    calib = quant.calibrate(model, variables, images[:50], method="kl")
+    m8 = with_numerics(model, "int8")
+    probs = predict_fn(m8)(calib.attach(variables), images)
 
-Concat inputs sharing a scale: a conv that follows a concat (X(i,j), j >= 1) sees the concat
-*output* as its input, and that input is quantized per tensor with one scale, so all concat
-inputs share that scale by construction. This is exactly what TVM's relay quantizer does (the
-vendor's backend is TVM-derived): conv outputs stay int32 (``nbit_activation=32``) through
-ReLU and concat, where the inputs are unified to a common int32 scale (lossless next to int8),
-and the only int8 rounding is the conv input's ``simulated_quantize`` calibrated on the concat
-result. Runtimes that store every tensor in int8 between layers (ONNX QDQ style) round twice:
-each concat input first at its own scale, then again when the concat is requantized to the
-shared scale; some TVM-derived vendor forks annotate every concat input as an 8-bit input too.
-``Int8(requantize_concat_inputs=True)`` emulates that: every block output X(i,j)
-is fake-quantized at its own calibrated scale (site ``conv2_out``), so each concat input --
-X(i,0..j-1), and up(X(i+1,j-1)) upsampled in float from int8 values -- reaches the concat on its
-own int8 grid and is then requantized to the conv input's shared scale. (Quantizing before or
-after the block's ReLU is the same: the grid is symmetric and contains 0.) One difference from
-TVM is kept on purpose: TVM quantizes a max-pool's *input* and feeds the pooled int8 values to
-the next conv at that scale, while here the encoder conv input is calibrated after the pool.
-
-Usage (``experiments/eval.py``)::
-
-    calib = quant.calibrate(model, variables, val_images[:50], method="kl")
-    m8 = quant.quantized_model(model, "int8")            # or "fp16" / "fp32"
-    probs = predict_fn(m8)(calib.attach(variables), images)   # tuple of heads 1..4
-    json_ready = calib.summary()                         # method, images, seconds, per site
-
-Not copied: TVM's default ``weight_scale='power2'`` (the vendor's ``quantize_per_channel`` and
-REFERENCE §6 say max-abs per channel, which is what is done here); TVM's rounding of exact
-.5 ties away from zero (``jnp.round`` rounds them to even; ties have measure zero for float
-activations).
+Which activations are rounded where, and how that relates to TVM and to QDQ runtimes, is in
+``docs/quantization.md``.
 """
 
 from __future__ import annotations
@@ -71,15 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetpp_jax.layers import XLA_COMPILER_OPTIONS, Float32, concat_parts, conv2d, map_parts
+from unetpp_jax.inference import compiler_options, fold_batchnorm_variables
+from unetpp_jax.numerics import (
+    INT8_MAX,
+    QUANT_COLLECTION,
+    RECORD_COLLECTION,
+    Record,
+)
 
 Array = jax.Array
 
-QUANT_COLLECTION = "quant"  # calibrated activation scales, a pytree mirroring 'params'
-RECORD_COLLECTION = "calibration_record"  # where :class:`Record` sows the activations
-INT8_MAX = 127  # symmetric int8 grid [-127, 127] (TVM's clip, TensorRT's narrow range)
-
-PRECISIONS = ("fp32", "fp16", "int8")
 METHODS = ("kl", "kl-trt", "max", "percentile")
 
 KL_TVM_BINS = 8001  # TVM / MXNet: signed histogram over [-max|x|, max|x|]
@@ -88,141 +50,6 @@ KL_TVM_EPS = 1e-4  # smoothing of zero entries
 KL_TRT_BINS = 2048  # TensorRT / pytorch-quantization: |x| histogram over [0, max|x|]
 KL_TRT_LEVELS = 128  # 2 ** (8 - 1): signed int8
 KL_TRT_START_BIN = 128
-
-
-# ----------------------------------------------------------------------------- numerics
-
-
-def site_name(conv_name: str, where: str = "in") -> str:
-    """Name of a calibration site: the input (``'conv1_in'``) or output of a conv.
-
-    Suffixed so that the ``'quant'`` variable never shares a name with the ``Conv`` submodule
-    (``conv1``, ``final1``) in the same scope.
-    """
-    return f"{conv_name}_{where}"
-
-
-def is_first_conv(module, name: str) -> bool:
-    """``conv0_0.conv1``: the conv that reads the image (TVM's ``skip_conv_layers=[0]``)."""
-    return module.name == "conv0_0" and name == "conv1"
-
-
-def is_block_output(name: str) -> bool:
-    """The second conv of a ``ConvBlock`` produces the block output X(i,j) (after its ReLU)."""
-    return name == "conv2"
-
-
-def quantize_to_grid(x: Array, scale: Array) -> Array:
-    """``clip(round(x / scale), -127, 127)``: the int8 values, kept as float32."""
-    return jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX)
-
-
-def fake_quantize(x: Array, scale: Array) -> Array:
-    """Symmetric per-tensor int8 fake quantization: the int8 grid value times the scale."""
-    return quantize_to_grid(x, scale) * scale
-
-
-def quantize_weights(kernel: Array) -> tuple[Array, Array]:
-    """Symmetric per-output-channel int8 weights of an HWIO kernel.
-
-    Returns the integer-valued kernel and the per-channel scales ``max |w| / 127`` (an
-    all-zero channel gets scale 1, which quantizes it to zeros).
-    """
-    amax = jnp.max(jnp.abs(kernel), axis=tuple(range(kernel.ndim - 1)))
-    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(kernel.dtype)
-    return quantize_to_grid(kernel, scale), scale
-
-
-@dataclasses.dataclass(frozen=True)
-class Float16:
-    """fp16 emulation: float16 operands, float32 accumulation, float16 result."""
-
-    def conv(self, module, name, x, kernel, bias):
-        del module, name
-        f16 = jnp.float16
-        return conv2d(map_parts(lambda p: p.astype(f16), x), kernel.astype(f16),
-                      bias.astype(f16))
-
-
-@dataclasses.dataclass(frozen=True)
-class Int8:
-    """int8 emulation with calibrated per-tensor activation scales (see the module docstring).
-
-    Attributes:
-      skip_first_conv: keep ``conv0_0.conv1`` (the conv reading the image) in float, as TVM's
-        default ``skip_conv_layers=[0]`` does. Off by default: the vendor's config lists no
-        layer to keep in float (REFERENCE §6).
-      requantize_concat_inputs: also round every block output at its own scale before it
-        reaches a concat (two int8 roundings, as in an int8-everywhere runtime); off, each
-        conv input is rounded once at its shared per-tensor scale, as in TVM.
-
-    The scales are read from the ``'quant'`` collection: apply the model to
-    ``calibration.attach(variables)``.
-    """
-
-    skip_first_conv: bool = False
-    requantize_concat_inputs: bool = False
-
-    def conv(self, module, name, x, kernel, bias):
-        if self.skip_first_conv and is_first_conv(module, name):
-            return conv2d(x, kernel, bias)
-        s = _read_scale(module, site_name(name, "in"))
-        wq, ws = quantize_weights(kernel)
-        # One per-tensor scale for the whole (concatenated) input, applied part by part.
-        xq = map_parts(lambda p: quantize_to_grid(p.astype(jnp.float32), s), x)
-        y = conv2d(xq, wq) * (s * ws) + bias
-        if self.requantize_concat_inputs and is_block_output(name):
-            y = fake_quantize(y, _read_scale(module, site_name(name, "out")))
-        return y
-
-
-def _read_scale(module, site: str) -> Array:
-    scale = module.get_variable(QUANT_COLLECTION, site)
-    if scale is None:
-        path = "/".join((*module.scope.path, site))
-        raise ValueError(
-            f"int8 numerics found no calibrated scale at '{QUANT_COLLECTION}/{path}': apply the "
-            "int8 model to calibration.attach(variables) (variables | {'quant': scales}), with "
-            "scales from quant.calibrate() on a model of the same architecture")
-    return scale
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """fp32 numerics that also sow each conv input (and each block output after its ReLU)
-    into the ``calibration_record`` collection, for :func:`calibrate`."""
-
-    def conv(self, module, name, x, kernel, bias):
-        module.sow(RECORD_COLLECTION, site_name(name, "in"), concat_parts(x))
-        y = conv2d(x, kernel, bias)
-        if is_block_output(name):
-            module.sow(RECORD_COLLECTION, site_name(name, "out"), jnp.maximum(y, 0))
-        return y
-
-
-def numerics_for(precision: str, *, skip_first_conv: bool = False,
-                 requantize_concat_inputs: bool = False):
-    """The numerics object of a precision name (``'fp32'``, ``'fp16'`` or ``'int8'``)."""
-    if precision == "fp32":
-        return Float32()
-    if precision == "fp16":
-        return Float16()
-    if precision == "int8":
-        return Int8(skip_first_conv=skip_first_conv,
-                    requantize_concat_inputs=requantize_concat_inputs)
-    raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-
-
-def quantized_model(model, precision: str, *, skip_first_conv: bool = False,
-                    requantize_concat_inputs: bool = False):
-    """``model`` with its inference convolutions computed at ``precision``.
-
-    A static choice: each precision compiles to its own program. The int8 model needs the
-    calibrated scales in its variables (``calibration.attach(variables)``).
-    """
-    return model.clone(numerics=numerics_for(
-        precision, skip_first_conv=skip_first_conv,
-        requantize_concat_inputs=requantize_concat_inputs))
 
 
 # ------------------------------------------------------------------- threshold methods
@@ -480,9 +307,7 @@ def _unwrap_sown(tree):
     return jax.tree_util.tree_map(lambda t: t[0], tree, is_leaf=lambda t: isinstance(t, tuple))
 
 
-@functools.partial(jax.jit, static_argnames=("recording_model", "stat"),
-                   compiler_options=XLA_COMPILER_OPTIONS)
-def _batch_statistics(recording_model, stat: str, variables, images, n_valid, ranges):
+def _batch_statistics_impl(recording_model, stat: str, variables, images, n_valid, ranges):
     """One batch through the recording model, reduced per site: max |x| (``stat='max'``) or
     a histogram (``'signed'`` / ``'abs'``) over ``[-range, range]`` / ``[0, range]``."""
     _, state = recording_model.apply(variables, images, mutable=[RECORD_COLLECTION])
@@ -493,6 +318,13 @@ def _batch_statistics(recording_model, stat: str, variables, images, n_valid, ra
         return jax.tree_util.tree_map(lambda x: jnp.max(jnp.where(mask(x), jnp.abs(x), 0.0)),
                                       acts)
     return jax.tree_util.tree_map(lambda x, r: _histogram(x, stat, r, valid), acts, ranges)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_statistics_program():
+    opts = compiler_options()
+    return jax.jit(_batch_statistics_impl, static_argnames=("recording_model", "stat"),
+                   **({"compiler_options": opts} if opts else {}))
 
 
 # ------------------------------------------------------------------------- calibration
@@ -563,15 +395,13 @@ def site_statistics(model, variables: Mapping[str, Any], images, histogram: str 
     recorder = model.clone(numerics=Record())
     variables = {k: v for k, v in variables.items() if k != QUANT_COLLECTION}
     # Fold once, not inside each of the (up to two) passes over every batch.
-    from unetpp_jax.model import fold_batchnorm_variables
-
     variables = fold_batchnorm_variables(variables)
     batches = list(_padded_batches(images, batch_size))
 
     def run(pass_name, stat, ranges, combine):
         acc = None
         for done, (batch, n) in enumerate(batches, 1):
-            out = _batch_statistics(recorder, stat, variables, jnp.asarray(batch),
+            out = _batch_statistics_program()(recorder, stat, variables, jnp.asarray(batch),
                                     jnp.int32(n), ranges)
             acc = out if acc is None else jax.tree_util.tree_map(combine, acc, out)
             if progress is not None:

@@ -38,14 +38,8 @@ if __name__ == "__main__" and not __package__:  # run as a script path: import t
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from unetpp_jax import __version__, checkpoint  # noqa: E402
-try:  # the package split: the model description and counting live in their own modules
-    from unetpp_jax.counting import count_params  # noqa: E402
-    from unetpp_jax.pretrained import model_description  # noqa: E402
-except ImportError:  # before it (transitional; drop once the split is committed)
-    from unetpp_jax.model import count_params, model_metadata  # noqa: E402
-
-    def model_description(model, in_channels: int = 3) -> dict:
-        return {**model_metadata(model), "in_channels": int(in_channels)}
+from unetpp_jax.counting import count_params  # noqa: E402
+from unetpp_jax.pretrained import model_description  # noqa: E402
 from weights_port import keymap, torch_format  # noqa: E402
 from weights_port.torch_format import CheckpointFormatError, printable, safe_line  # noqa: E402
 

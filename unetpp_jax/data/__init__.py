@@ -1,7 +1,8 @@
-"""DSB2018 data: raw stage1_train -> UNET-ZOO preprocessing and split -> in-memory splits -> batches.
+"""Data: raw images -> preprocessing and split -> in-memory splits -> normalised batches.
 
-Importing this package does not import tensorflow_datasets; the TFDS builder lives in
-:mod:`unetpp_jax.data.dsb2018` (imported on use).
+Datasets are registered in :mod:`unetpp_jax.data.registry` (``load_dataset``); DSB2018 is
+the default. Importing this package does not import tensorflow_datasets; the TFDS builder lives
+in :mod:`unetpp_jax.data.dsb2018` (imported on use).
 """
 
 from unetpp_jax.data.pipeline import (
@@ -25,9 +26,17 @@ from unetpp_jax.data.preprocess import (
     resize_linear,
     resize_linear_uint8,
 )
+from unetpp_jax.data.normalization import IMAGENET_RGB_INPUT, UNETZOO_INPUT, InputSpec
+from unetpp_jax.data.registry import DATASETS, get_dataset, load_dataset
 from unetpp_jax.data.split import FIRST_VAL_ID_PREFIX, split_ids
 
 __all__ = [
+    "DATASETS",
+    "IMAGENET_RGB_INPUT",
+    "InputSpec",
+    "UNETZOO_INPUT",
+    "get_dataset",
+    "load_dataset",
     "FIRST_VAL_ID_PREFIX",
     "PreprocessError",
     "Split",

@@ -7,7 +7,7 @@ layout, or a built TFDS ``dsb2018`` dataset. The whole dataset is 670 images; at
 25 MB of uint8 (175 MB at 256), so a split is held in memory and batched with numpy.
 
 ``batches`` turns a split into float32 NHWC batches, ``(x/255 - 0.5)/0.5`` in BGR order as
-UNET-ZOO feeds its model (REFERENCE §3), with a per-epoch shuffle and augmentation that are pure
+UNET-ZOO feeds its model, with a per-epoch shuffle and augmentation that are pure
 functions of ``(seed, epoch)``, so a resumed run sees exactly the batches it would have seen.
 """
 
@@ -342,14 +342,11 @@ def write_bundle(source, folder=None, *, command: str = "python -m experiments.b
 
 
 def normalize(images_uint8_bgr) -> np.ndarray:
-    """uint8 images -> float32 in [-1, 1]: ``(x / 255 - 0.5) / 0.5`` in float32, order unchanged.
+    """uint8 BGR images -> float32 in [-1, 1]: ``(x / 255 - 0.5) / 0.5``, UNET-ZOO's input
+    (``normalization.UNETZOO_INPUT``; other models: their checkpoint's ``InputSpec``)."""
+    from unetpp_jax.data.normalization import UNETZOO_INPUT
 
-    The input is already BGR (every loader here returns BGR), which is what UNET-ZOO's model saw.
-    """
-    x = np.asarray(images_uint8_bgr)
-    if x.dtype != np.uint8:
-        raise ValueError(f"normalize expects uint8 images, got {x.dtype}")
-    return (x.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    return UNETZOO_INPUT.normalize(images_uint8_bgr)
 
 
 def _epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:

@@ -1,4 +1,4 @@
-"""Timing helpers and the sections of ``python -m experiments.bench`` (issue 7).
+"""The sections of ``python -m experiments.bench`` (timing itself: ``unetpp_jax.timing``).
 
 Compile time is measured separately from steady-state time; steady state is the median of
 repeated calls after a warm-up, each ended with ``block_until_ready`` (JAX dispatch is async).
@@ -55,91 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unetpp_jax.layers import Float32, concat_parts
+from unetpp_jax.layers import concat_parts
+from unetpp_jax.numerics import Float32
+from unetpp_jax.timing import Timing, interleaved_timings, round_ratio, time_jitted  # noqa: F401
 
 SECTIONS = ("inference", "ablation", "pytorch", "precision", "train_step", "converter")
-
-
-@dataclass
-class Timing:
-    compile_s: float  # first call: trace + compile + one run (PyTorch: first call)
-    median_s: float  # median steady-state seconds per call
-    repeats: int
-    times: tuple[float, ...] = ()  # every steady-state call, seconds
-
-    def per_item(self, n: int) -> float:
-        return n / self.median_s
-
-    def to_json(self, batch: int) -> dict:
-        """images/s and latency (ms per call) at ``batch``, with the spread of the calls."""
-        times = self.times or (self.median_s,)
-        return {"batch": batch, "images_per_s": self.per_item(batch),
-                "latency_ms": 1e3 * self.median_s, "compile_s": self.compile_s,
-                "median_s": self.median_s, "min_s": min(times), "max_s": max(times),
-                "repeats": self.repeats}
-
-
-def time_jitted(fn, *args, repeats: int = 5, warmup: int = 1, min_time: float = 0.0,
-                sync: Callable | None = jax.block_until_ready, compiled: bool = False) -> Timing:
-    """Time ``fn(*args)``: the first call (compile) apart, then ``warmup`` untimed calls, then
-    the median of at least ``repeats`` timed calls, more until they add up to ``min_time``
-    seconds (fast calls, batch 1, get enough samples to ride out a noisy machine). ``sync``
-    waits for a call's result (JAX dispatch is asynchronous); pass ``None`` for callables that
-    return when done (PyTorch eager on CPU). ``compiled=True``: ``fn`` already ran once, so
-    there is no first call to set apart (``compile_s`` is then 0)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    sync = sync or (lambda out: out)
-    compile_s = 0.0
-    if not compiled:
-        t0 = time.perf_counter()
-        sync(fn(*args))
-        compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        sync(fn(*args))
-    times = []
-    while len(times) < repeats or sum(times) < min_time:
-        t0 = time.perf_counter()
-        sync(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return Timing(compile_s, float(np.median(times)), len(times), tuple(times))
-
-
-def interleaved_timings(calls: dict, *, rounds: int, repeats: int, warmup: int = 1,
-                        min_time: float = 0.0) -> tuple[dict[Any, Timing], list[dict]]:
-    """Time several callables in alternating rounds, so that a drift in the machine's speed
-    (a shared VM's neighbours: 10-20% between minutes here) hits all of them alike.
-
-    ``calls`` maps a key to ``(fn, args, sync)``. Each is first called untimed
-    ``max(warmup, 1) + 1`` times (compile and warm-up); then every round times each key in turn, ``ceil(repeats / rounds)``
-    calls at least and ``min_time / rounds`` seconds at least. Returns ``(timings, per_round)``:
-    per key a :class:`Timing` over all its timed calls, and per round ``{key: median s}``, from
-    which callers take ratios (a ratio is the median of its per-round ratios).
-    """
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
-    # compile, then `warmup` untimed calls (the last one is time_jitted's single timed call)
-    first = {k: time_jitted(fn, *args, repeats=1, warmup=max(warmup - 1, 0), sync=sync)
-             for k, (fn, args, sync) in calls.items()}
-    times: dict[Any, list[float]] = {k: [] for k in calls}
-    per_round = []
-    for _ in range(rounds):
-        medians = {}
-        for k, (fn, args, sync) in calls.items():
-            t = time_jitted(fn, *args, repeats=math.ceil(repeats / rounds), warmup=0,
-                            min_time=min_time / rounds, sync=sync, compiled=True)
-            times[k] += t.times
-            medians[k] = t.median_s
-        per_round.append(medians)
-    timings = {k: Timing(first[k].compile_s, float(np.median(times[k])), len(times[k]),
-                         tuple(times[k])) for k in calls}
-    return timings, per_round
-
-
-def round_ratio(per_round: list[dict], num, den) -> tuple[float, float, float]:
-    """(median, min, max) over rounds of ``per_round[r][num] / per_round[r][den]``."""
-    r = [m[num] / m[den] for m in per_round]
-    return float(np.median(r)), min(r), max(r)
 
 
 def forward_call(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
@@ -147,7 +67,7 @@ def forward_call(model, variables, batch: int = 16, size: int = 96, prune_level:
     """``(fn, args)``: the inference forward (probabilities of heads 1..prune_level) as the
     package runs it -- BatchNorm folded once beforehand (``fold_batchnorm_variables``, as
     ``evaluate.predict_split`` does) and ``predict_fn``'s default micro-batch."""
-    from unetpp_jax.model import fold_batchnorm_variables, predict_fn
+    from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
 
     f = predict_fn(model, prune_level, micro_batch=micro_batch)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
@@ -171,18 +91,18 @@ ABLATIONS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
 class _ConcatenatingFloat32(Float32):
-    """fp32 numerics that write each conv input's concatenation first (the ablation);
-    hashing and equality by type come from ``Float32``."""
+    """fp32 numerics that write each conv input's concatenation first (the ablation)."""
 
-    def conv(self, module, name, x, kernel, bias):
-        return super().conv(module, name, concat_parts(x), kernel, bias)
+    def conv(self, module, name, x, kernel, bias, role, **kw):
+        return super().conv(module, name, concat_parts(x), kernel, bias, role, **kw)
 
 
 def ablation_call(model, variables, what: str, batch: int = 16, size: int = 96):
     """``(fn, args)``: the L4 forward of :func:`forward_call` with one of :data:`ABLATIONS`
     undone."""
-    from unetpp_jax.model import default_micro_batch, map_in_micro_batches, probabilities
+    from unetpp_jax.inference import default_micro_batch, map_in_micro_batches, probabilities
 
     f, (folded, x) = forward_call(model, variables, batch, size)
     if what == "XLA default conv (YNNPACK)":
@@ -306,7 +226,7 @@ def level_mious(model, variables, split, *, batch_size: int = 16) -> dict[int, f
 def inference_section(model, variables, cfg: BenchConfig, *, mious: dict[int, float] | None = None,
                       log: Callable[[str], None] = lambda s: None) -> list[dict]:
     """fp32 inference rows, one per (level, batch): speed, FLOPs and their ratios to L4."""
-    from unetpp_jax.model import xla_flops
+    from unetpp_jax.counting import xla_flops
 
     levels = sorted(set(cfg.levels) | {4})  # L4 is the reference of every ratio
     if not model.deep_supervision:
@@ -430,6 +350,7 @@ def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConf
     """
     from unetpp_jax import quant
     from unetpp_jax.data.pipeline import normalize
+    from unetpp_jax.numerics import EVAL_PRECISIONS, get_numerics
 
     n_images = len(images_uint8)
     n_batches = math.ceil(n_images / cfg.eval_batch)
@@ -437,9 +358,10 @@ def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConf
                             cfg.calib_method, batch_size=cfg.eval_batch)
     log(f"int8 calibration ({cfg.calib_method}, {calib.num_images} images): {calib.seconds:.1f} s")
     rows = []
-    for precision in ("fp32", "fp16", "int8"):
-        qmodel = quant.quantized_model(model, precision)
-        qvars = calib.attach(variables) if precision == "int8" else variables
+    for precision in EVAL_PRECISIONS:
+        numerics = get_numerics(precision)
+        qmodel = model.clone(numerics=numerics)
+        qvars = calib.attach(variables) if numerics.needs_calibration else variables
         t = forward_timing(qmodel, qvars, batch=cfg.eval_batch, size=cfg.size,
                            repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
         row = {"precision": precision, **t.to_json(cfg.eval_batch),
