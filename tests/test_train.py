@@ -191,3 +191,209 @@ def test_cli_overrides_are_typed_and_checked():
         apply_overrides(cfg, [("lr", "1")])
     with pytest.raises(ValueError, match="unknown config"):
         get_config("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI as users run it: relative workdirs, reruns over damaged workdirs, the lock, a full disk
+
+
+def make_data_folder(folder: Path, n: int = 40, size: int = 16) -> Path:
+    """A preprocessed folder (images/<id>.png, masks/0/<id>.png) of synthetic discs: 32 train /
+    8 validation images by the split rule."""
+    from unetpp_jax.data.pipeline import write_folder
+
+    write_folder(synthetic_split(n, size=size), folder)
+    return folder
+
+
+def cli_env(cache_dir: Path) -> dict:
+    # A compilation cache shared by this module's runs: the first run compiles (~1 min on a
+    # busy 2-core machine), the next ones load the programs.
+    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def run_cli(args, *, cwd, env, timeout=400, python_code=None):
+    cmd = [sys.executable, "-m", "experiments.train"] if python_code is None else \
+        [sys.executable, "-c", python_code]
+    return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_args(data: Path, *more: str) -> list[str]:
+    return ["--config", "tiny", "--data", str(data), "--set", "image_size=16", "--no-progress",
+            *more]
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data = make_data_folder(base / "data")
+    env = cli_env(base / "jax-cache")
+    # Epoch 1 of 2 with a RELATIVE --workdir, from a fresh cwd (the README's form): orbax
+    # refuses relative checkpoint paths, so this crashed after epoch 1 before the fix.
+    cwd = base / "cwd"
+    cwd.mkdir()
+    out = run_cli(tiny_args(data, "--workdir", "runs/rel", "--epochs", "2",
+                            "--stop-after-epochs", "1"), cwd=cwd, env=env)
+    return {"data": data, "env": env, "cwd": cwd, "first": out}
+
+
+def test_cli_relative_and_default_workdir(cli_setup, tmp_path, monkeypatch):
+    from unetpp_jax.train import export_best, load_best
+
+    out, cwd = cli_setup["first"], cli_setup["cwd"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = cwd / "runs" / "rel"
+    assert (run / "checkpoints" / "last" / "1").is_dir() and (run / "checkpoints" / "best" / "1").is_dir()
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    # Loading and exporting by the same relative path, from that cwd.
+    monkeypatch.chdir(cwd)
+    model, variables = load_best("runs/rel")
+    assert "params" in variables
+    exported = export_best("runs/rel", "exported")
+    assert (cwd / "exported").is_dir() and Path(exported).is_absolute()
+    # The default workdir, runs/<config>, relative to the cwd.
+    cwd2 = tmp_path / "fresh"
+    cwd2.mkdir()
+    out = run_cli(tiny_args(cli_setup["data"], "--epochs", "1"), cwd=cwd2, env=cli_setup["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (cwd2 / "runs" / "tiny" / "checkpoints" / "last" / "1").is_dir()
+    assert str(cwd2 / "runs" / "tiny") in out.stdout
+
+
+def _copy_run(cli_setup, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(cli_setup["cwd"] / "runs" / "rel", dest)
+    (dest / ".lock").unlink(missing_ok=True)
+    return dest
+
+
+def test_rerun_repairs_what_a_kill_between_saves_leaves(cli_setup, tmp_path):
+    """The states a kill -9 or a full disk between the saves left (and the older version's
+    non-atomic writes): every rerun used to die (StepAlreadyExistsError, JSONDecodeError)."""
+    import shutil
+
+    run = _copy_run(cli_setup, tmp_path / "run")
+    ck = run / "checkpoints"
+    # 1. A best checkpoint of epoch 2 saved, then the run died before epoch 2 was committed
+    #    (last still at 1). The epoch-1 row is made the worst possible so that the rerun of
+    #    epoch 2 is certainly best and saves best step 2 again (the old code: StepAlreadyExists).
+    shutil.copytree(ck / "best" / "1", ck / "best" / "2")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["val_miou"] = -1.0
+    # 2. metrics.jsonl cut mid-line (the older version's write_text, killed while writing).
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + '{"epoch": 2, "train_lo')
+    # 3. orbax's temporary folder of the unfinished last save of epoch 2.
+    (ck / "last" / "2.orbax-checkpoint-tmp-1234567").mkdir()
+    (ck / "last" / "2.orbax-checkpoint-tmp-1234567" / "junk").write_bytes(b"\0" * 100)
+    # 4. config.json cut mid-line.
+    config = (run / "config.json").read_text()
+    (run / "config.json").write_text(config[: len(config) // 2])
+
+    out = run_cli(tiny_args(cli_setup["data"], "--workdir", str(run), "--epochs", "2"),
+                  cwd=tmp_path, env=cli_setup["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "removed the best checkpoint of epoch 2" in out.stdout
+    assert "removed the unfinished save" in out.stdout
+    assert "resumed" in out.stdout and "after epoch 1" in out.stdout
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert json.loads((run / "config.json").read_text()) == json.loads(config)
+    assert sorted(p.name for p in (ck / "last").iterdir()) == ["2"]
+    assert sorted(p.name for p in (ck / "best").iterdir()) == ["2"]  # best of epoch 1 pruned
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from unetpp_jax.train import WorkdirLock
+    lock = WorkdirLock(Path({workdir!r}))
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(300)
+""")
+
+
+def test_second_training_on_a_workdir_exits_2_naming_the_holder(cli_setup, tmp_path):
+    from unetpp_jax.train import WorkdirLock, WorkdirLockedError
+
+    run = _copy_run(cli_setup, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT),
+                                                                      workdir=str(run))],
+                              stdout=subprocess.PIPE, text=True, env=cli_setup["env"])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = run_cli(tiny_args(cli_setup["data"], "--workdir", str(run), "--epochs", "2"),
+                      cwd=tmp_path, env=cli_setup["env"])
+        assert out.returncode == 2, out.stderr[-3000:]
+        errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"in use by another training (pid {holder.pid} on " in errors[0]
+        with pytest.raises(WorkdirLockedError, match=f"pid {holder.pid}"):
+            WorkdirLock(run).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died (kill -9): the kernel dropped its lock; the file left behind blocks nothing.
+    lock = WorkdirLock(run)
+    lock.acquire()
+    lock.release()
+
+
+FULL_DISK = textwrap.dedent("""
+    import errno, sys
+    sys.path.insert(0, {root!r})
+    import orbax.checkpoint as ocp
+    save = ocp.CheckpointManager.save
+    def full_disk(self, step, *a, **k):
+        if step == 2 and self.directory.name == "last":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
+        return save(self, step, *a, **k)
+    ocp.CheckpointManager.save = full_disk
+    from experiments.train import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_full_disk_during_save_exits_2_and_keeps_the_previous_checkpoint(cli_setup, tmp_path):
+    import orbax.checkpoint as ocp
+
+    run = _copy_run(cli_setup, tmp_path / "run")
+    args = tiny_args(cli_setup["data"], "--workdir", str(run), "--epochs", "2")
+    out = run_cli(args, cwd=tmp_path, env=cli_setup["env"],
+                  python_code=FULL_DISK.format(root=str(ROOT)))
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "No space left on device" in errors[0] and "intact" in errors[0]
+    assert "resume after epoch 1" in errors[0]
+    # The epoch-1 checkpoint is still the resume point and restores.
+    mngr = ocp.CheckpointManager(run / "checkpoints" / "last")
+    assert mngr.all_steps() == [1]
+    assert int(mngr.restore(1)["epoch"]) == 1
+    mngr.close()
+    # Space is back: the same command resumes after epoch 1 and finishes.
+    out = run_cli(args, cwd=tmp_path, env=cli_setup["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "after epoch 1" in out.stdout
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_process_batches_are_slices_of_the_global_batches():
+    from unetpp_jax.data.pipeline import batches
+    from unetpp_jax.train import process_batches
+
+    split = synthetic_split(13, size=16)
+    for epoch in (1, 2):
+        ref = list(batches(split, 4, seed=3, epoch=epoch, shuffle=True, augment=True))
+        parts = [list(process_batches(split, 4, seed=3, epoch=epoch, shuffle=True, augment=True,
+                                      process_index=i, process_count=2)) for i in range(2)]
+        assert len(ref) == len(parts[0]) == len(parts[1]) == 3
+        for b, p0, p1 in zip(ref, *parts):
+            for k in ("image", "mask"):
+                np.testing.assert_array_equal(b[k], np.concatenate([p0[k], p1[k]]))

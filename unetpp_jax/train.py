@@ -2,22 +2,41 @@
 
 * The state carries ``batch_stats`` (and optionally an exponential moving average of the
   weights); the step is jitted with the state donated and the batch sharded over a
-  ``jax.sharding.Mesh`` of every device (parameters replicated). jit's semantics are global, so
-  BatchNorm sees the whole global batch: N devices give the same step as one.
+  ``jax.sharding.Mesh`` of every device of every process (parameters replicated). jit's
+  semantics are global, so BatchNorm sees the whole global batch: N devices give the same step
+  as one, and N processes the same as one process with N devices.
+* Multi-process (``jax.distributed``): every process builds only its own rows of each global
+  batch (:func:`process_batches`) and the global batch is assembled with
+  ``jax.make_array_from_process_local_data``; validation is split across processes and the
+  per-image scores gathered, so every process picks the same best epoch. Checkpoints hold
+  global arrays only (orbax writes them once); logs, curves and ``config.json`` are written by
+  process 0.
 * Orbax ``CheckpointManager``: ``<workdir>/checkpoints/last`` every epoch (resume point) and
   ``<workdir>/checkpoints/best`` (the best validation MIoU, head 4, as UNET-ZOO keeps). The data
   order is a function of ``(seed, epoch)``, so a run killed at any moment resumes from the last
-  finished epoch and sees exactly the batches it would have seen.
-* Per-epoch metrics go to ``<workdir>/metrics.jsonl`` and ``metrics.csv``; ``curves.png`` at the end.
+  finished epoch and sees exactly the batches it would have seen. What survives a kill -9 or a
+  full disk, and how, is in docs/training.md (:func:`train` keeps the invariants).
+* Per-epoch metrics go to ``<workdir>/metrics.jsonl`` and ``metrics.csv``; ``curves.png`` at the
+  end; every file is written atomically (temporary file, fsync, rename).
+* One training per workdir: ``<workdir>/.lock`` (``fcntl.flock``, holding pid/host/start time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import datetime
+import fcntl
+import io
 import json
 import math
+import os
+import shutil
+import socket
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,8 +49,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from unetpp_jax import metrics
 from unetpp_jax.data import pipeline
-from unetpp_jax.evaluate import evaluate_split
+from unetpp_jax.evaluate import HeadScores, predict_split
 from unetpp_jax.model import WIDTHS, UNetPlusPlus, init_variables
 
 
@@ -208,72 +228,335 @@ def make_train_step(model: UNetPlusPlus, cfg: TrainConfig, mesh: Mesh):
 
 
 def data_mesh() -> Mesh:
-    """A 1-D mesh named 'data' over every device of every process."""
-    return Mesh(np.array(jax.devices()), ("data",))
+    """A 1-D mesh named 'data' over every device of every process, grouped by process.
+
+    Process ``p``'s devices are contiguous, so its rows of a global batch are one contiguous
+    slice of it (:func:`process_batches`).
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), ("data",))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Place a global host batch on the mesh, split along the batch axis.
 
-    Each process holds the whole global batch in host memory (the split is small) and gives
-    its own slice; ``make_array_from_process_local_data`` assembles the global array.
+    Each process gives its own slice of the global batch it holds;
+    ``make_array_from_process_local_data`` assembles the global array. (The training loop
+    builds only the local rows in the first place: :func:`process_batches`, :func:`global_batch`.)
     """
-    sharding = NamedSharding(mesh, P("data"))
     n_proc, pid = jax.process_count(), jax.process_index()
-    out = {}
+    local = {}
     for k, v in batch.items():
         per = v.shape[0] // n_proc
-        out[k] = jax.make_array_from_process_local_data(sharding, v[pid * per:(pid + 1) * per],
-                                                        v.shape)
-    return out
+        local[k] = v[pid * per:(pid + 1) * per]
+    return global_batch(local, mesh, batch[next(iter(batch))].shape[0])
+
+
+def global_batch(local: dict, mesh: Mesh, batch_size: int) -> dict:
+    """This process's rows of a global batch -> global arrays sharded on 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+            for k, v in local.items()}
+
+
+def process_batches(split: pipeline.Split, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                    shuffle: bool = True, augment: bool = False, process_index: int = 0,
+                    process_count: int = 1):
+    """This process's rows of every global batch of ``pipeline.batches`` (same order, same flips).
+
+    The epoch's order and per-example transforms are drawn from ``(seed, epoch)`` exactly as
+    :func:`pipeline.batches` draws them; process ``i`` of ``n`` takes rows
+    ``[i * B/n, (i + 1) * B/n)`` of each global batch of ``B`` and indexes, augments and
+    normalizes only those examples. Concatenated over processes, the batches equal
+    ``pipeline.batches`` (tested).
+    """
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    n = len(split)
+    per = batch_size // process_count
+    order = pipeline.epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle)
+    # pipeline.batches' augmentation stream: (seed, epoch, stream 1), one transform per position.
+    transforms = (np.random.default_rng([int(seed), int(epoch), 1]).integers(0, 8, size=n)
+                  if augment else None)
+    for start in range(0, n - n % batch_size, batch_size):
+        lo = start + process_index * per
+        idx = order[lo:lo + per]
+        images, masks = split.images[idx], split.masks[idx]
+        if transforms is not None:
+            images, masks = pipeline.augment_examples(images, masks, transforms[lo:lo + per])
+        yield {"image": pipeline.normalize(images),
+               "mask": (masks.astype(np.float32) / np.float32(255))[..., None]}
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf as a global array replicated over ``mesh`` (the same value on every process)."""
+    sharding = NamedSharding(mesh, P())
+
+    def put(x):
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def local_copy(tree):
+    """A replicated global array tree as single-device arrays of this process (for inference)."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
+
+
+def score_split(model, variables, split: pipeline.Split, *, batch_size: int = 16) -> HeadScores:
+    """Validation scores, the split shared across processes; every process gets the same result.
+
+    Process ``i`` predicts a contiguous ``1/n`` of the images with its local copy of
+    ``variables``; the per-image IoU and Dice of every head are gathered from all processes
+    and averaged in split order, so the number equals ``evaluate.evaluate_split`` on one
+    process (inference treats images independently).
+    """
+    n_proc, pid = jax.process_count(), jax.process_index()
+    n = len(split)
+    if n < n_proc:
+        raise ValueError(f"{n} validation images cannot be split over {n_proc} processes")
+    per = -(-n // n_proc)
+    lo, hi = min(pid * per, n), min((pid + 1) * per, n)
+    probs = predict_split(model, local_copy(variables), split.images[lo:hi], batch_size=batch_size)
+    masks = split.masks[lo:hi]
+    scores = np.stack([[metrics.per_image_iou(p, masks) for p in probs],
+                       [metrics.per_image_dice(p, masks) for p in probs]])  # (2, heads, hi - lo)
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+
+        padded = np.full(scores.shape[:2] + (per,), np.nan)
+        padded[..., :hi - lo] = scores
+        gathered = np.asarray(multihost_utils.process_allgather(padded))  # (n_proc, 2, heads, per)
+        scores = np.concatenate(list(gathered), axis=-1)[..., :n]
+    return HeadScores([100.0 * float(v.mean()) for v in scores[0]],
+                      [100.0 * float(v.mean()) for v in scores[1]])
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and logs
+# Checkpoints, logs, the workdir lock
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _checkpointable(state: TrainState, epoch: int) -> dict:
+class TrainingError(RuntimeError):
+    """A condition the user can act on, stated in one line (the CLI prints it and exits 2)."""
+
+
+class WorkdirLockedError(TrainingError):
+    pass
+
+
+class StorageError(TrainingError):
+    """Writing a checkpoint or a log failed (full disk, quota, read-only, I/O error)."""
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_agree(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path, data) -> None:
+    """Write ``data`` (str or bytes) to ``path`` all or nothing: temp file, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+class WorkdirLock:
+    """An exclusive ``fcntl.flock`` on ``<workdir>/.lock``; the file names the holder.
+
+    The kernel drops the lock when its holder exits, however it exits (kill -9 included), so a
+    stale file never blocks a rerun. (flock is per host on some network filesystems: two hosts
+    can then both take it. Multi-host runs take it on process 0 only.)
+    """
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on {h['host']}, started {h['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not recorded itself yet"
+            raise WorkdirLockedError(
+                f"{self.path.parent} is in use by another training ({who}; lock {self.path}); "
+                "wait for it to finish or stop it, or use another --workdir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock
+            self.fd = None
+
+
+def _oserror_in(exc: BaseException) -> OSError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors(what: str, resume_from: int):
+    """Turn an OSError while writing (ENOSPC, EDQUOT, EROFS, EIO, ...) into one StorageError line."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as e:
+        err = _oserror_in(e)
+        if err is None:
+            raise
+        where = f"after epoch {resume_from}" if resume_from else "from the start"
+        raise StorageError(
+            f"could not write {what}: {os.strerror(err.errno)} (errno {err.errno}"
+            f"{', ' + str(err.filename) if err.filename else ''}); the last complete checkpoint "
+            f"is intact: free space or fix the folder and rerun the same command to resume "
+            f"{where}") from e
+
+
+def _checkpointable(state: TrainState, epoch) -> dict:
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "ema": state.ema, "epoch": jnp.asarray(epoch, jnp.int32)}
+            "opt_state": state.opt_state, "ema": state.ema, "epoch": epoch}
 
 
 def _restore_into(state: TrainState, tree: dict) -> tuple[TrainState, int]:
     state = state.replace(step=tree["step"], params=tree["params"],
                           batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
                           ema=tree["ema"])
-    return state, int(tree["epoch"])
+    return state, int(np.asarray(tree["epoch"].addressable_data(0)))
 
 
 def _managers(workdir: Path):
+    # best keeps every step until the epoch that wrote one is committed (see train): a kill
+    # between the best and the last save must not leave the workdir without its best weights.
     opts_last = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    opts_best = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    opts_best = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
     return (ocp.CheckpointManager(workdir / "checkpoints" / "last", options=opts_last),
             ocp.CheckpointManager(workdir / "checkpoints" / "best", options=opts_best))
 
 
+def _steps(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def repair_checkpoints(workdir) -> list[str]:
+    """Undo what a kill or a failed write left between the two saves; returns what was done.
+
+    * orbax's temporaries of an unfinished save (``*.orbax-checkpoint-tmp*``) are removed;
+    * a best checkpoint of an epoch after the last finished one (saved, then the run died
+      before the epoch was committed) is removed: that epoch runs again and decides anew.
+    """
+    ck = Path(workdir) / "checkpoints"
+    notes = []
+    for sub in ("last", "best"):
+        d = ck / sub
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if ".orbax-checkpoint-tmp" in p.name:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+                    notes.append(f"removed the unfinished save {p}")
+    last = max(_steps(ck / "last"), default=0)
+    for step in _steps(ck / "best"):
+        if step > last:
+            shutil.rmtree(ck / "best" / str(step))
+            notes.append(f"removed the best checkpoint of epoch {step}, written after the last "
+                         f"finished epoch ({last}); epoch {step} runs again")
+    return notes
+
+
 def _read_log(path: Path, upto_epoch: int) -> list[dict]:
+    """Rows of ``metrics.jsonl`` up to ``upto_epoch``; a torn last line (a non-atomic write by
+    an older version, killed mid-line) is dropped with a warning, a torn middle line is an error."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if k == len(lines) - 1:
+                warnings.warn(f"{path}: last line is cut off ({line[:40]!r}...), dropped; that "
+                              "epoch's row is written again", stacklevel=2)
+                break
+            raise TrainingError(f"{path}: line {k + 1} is not a metrics row ({e}); fix or remove "
+                                "that line to resume") from None
+        rows.append(row)
     return [r for r in rows if r["epoch"] <= upto_epoch]
 
 
 def _write_logs(workdir: Path, rows: list[dict]) -> None:
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     if rows:
-        with open(workdir / "metrics.csv", "w", newline="") as f:
-            fields = list(dict.fromkeys(k for r in rows for k in r))  # rows may gain fields
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # rows may gain fields
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(workdir / "metrics.csv", buf.getvalue())
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    """Training loss and validation MIoU (every head) per epoch, as a PNG."""
+    """Training loss and validation MIoU (every head) per epoch, as a PNG (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,8 +571,29 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     b.set(xlabel="epoch", ylabel="val MIoU (%)", title="validation MIoU (table metric)")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def _check_config(workdir: Path, cfg: TrainConfig) -> bool:
+    """Refuse a workdir holding another config; True if config.json must be (re)written."""
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        return True
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except ValueError:
+        if _is_primary():
+            warnings.warn(f"{cfg_path} is cut off or unreadable (a write interrupted by an older "
+                          "version); rewriting it from this run's config", stacklevel=3)
+        return True
+    if saved != cfg.to_json():
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_json().items() if saved.get(k) != v}
+        raise ValueError(f"{workdir} holds a run with another config (saved vs now: {diff}); "
+                         "use a new --workdir or the same settings to resume")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,18 +606,52 @@ def train(cfg: TrainConfig, workdir, train_split: pipeline.Split, val_split: pip
 
     ``stop_after_epochs`` ends this call after that many epochs even if the run is not
     finished (a later call resumes) — used by tests and for running in slices.
+
+    In a multi-process run every process calls this with the same arguments (and the same
+    splits); each uses only its own rows of every batch and its share of the validation split.
+
+    Raises :class:`WorkdirLockedError` if another training holds ``workdir`` and
+    :class:`StorageError` if a checkpoint or log cannot be written (the previous checkpoint
+    stays intact); both are :class:`TrainingError`, one line for the user.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_path = workdir / "config.json"
-    if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        if saved != cfg.to_json():
-            diff = {k: (saved.get(k), v) for k, v in cfg.to_json().items() if saved.get(k) != v}
-            raise ValueError(f"{workdir} holds a run with another config (saved vs now: {diff}); "
-                             "use a new --workdir or the same settings to resume")
-    else:
-        cfg_path.write_text(json.dumps(cfg.to_json(), indent=2))
+    workdir = Path(workdir).expanduser().resolve()  # orbax wants absolute paths
+    primary = _is_primary()
+    lock = WorkdirLock(workdir)
+    error = None
+    if primary:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except (WorkdirLockedError, OSError) as e:
+            error = e
+    if not _all_agree(error is None):
+        if error is None:
+            raise WorkdirLockedError(f"process 0 could not take {workdir / '.lock'} (see its "
+                                     "message); no process trains")
+        if isinstance(error, OSError):
+            raise StorageError(f"cannot create or lock {workdir}: {error}") from error
+        raise error
+    try:
+        return _train_locked(cfg, workdir, train_split, val_split, progress=progress,
+                             stop_after_epochs=stop_after_epochs)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, workdir: Path, train_split, val_split, *, progress, stop_after_epochs):
+    primary = _is_primary()
+    n_proc, pid = jax.process_count(), jax.process_index()
+    say = print if primary else (lambda *a, **k: None)
+
+    write_config = _check_config(workdir, cfg)
+    _barrier("unetpp_train_config_read")
+    if primary:
+        if write_config:
+            with _storage_errors(workdir / "config.json", 0):
+                atomic_write(workdir / "config.json", json.dumps(cfg.to_json(), indent=2))
+        for note in repair_checkpoints(workdir):
+            say(f"resume: {note}", flush=True)
+    _barrier("unetpp_train_repaired")
 
     if cfg.train_limit:
         train_split = train_split.take(range(min(cfg.train_limit, len(train_split))))
@@ -330,49 +668,58 @@ def train(cfg: TrainConfig, workdir, train_split: pipeline.Split, val_split: pip
 
     mesh = data_mesh()
     model, state = create_state(cfg, steps_per_epoch)
+    state = replicate(state, mesh)
     last_mngr, best_mngr = _managers(workdir)
     start_epoch = 1
     if last_mngr.latest_step() is not None:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _checkpointable(state, 0))
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                          _checkpointable(state, replicate(np.int32(0), mesh)))
         tree = last_mngr.restore(last_mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
         state, done_epoch = _restore_into(state, tree)
         start_epoch = done_epoch + 1
-        print(f"resumed {workdir} after epoch {done_epoch} (step {int(state.step)})")
+        say(f"resumed {workdir} after epoch {done_epoch} (step {int(state.step.addressable_data(0))})")
     rows = _read_log(workdir / "metrics.jsonl", start_epoch - 1)
     best = max(rows, key=lambda r: r["val_miou"]) if rows else None
+    if best is not None and best_mngr.latest_step() is None:
+        # Only a workdir left by an older version gets here (it kept one best step and could be
+        # killed after replacing it): the next epoch becomes best so that one exists again.
+        say(f"resume: no best checkpoint left for epoch {best['epoch']}; the next epoch's "
+            "weights are kept as best", flush=True)
+        best = None
 
-    state = jax.device_put(state, NamedSharding(mesh, P()))
     step_fn = make_train_step(model, cfg, mesh)
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
             break
         t0 = time.perf_counter()
-        it = pipeline.batches(train_split, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                              shuffle=cfg.shuffle, augment=cfg.augment)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress,
-                   dynamic_ncols=True)
+        it = process_batches(train_split, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                             shuffle=cfg.shuffle, augment=cfg.augment, process_index=pid,
+                             process_count=n_proc)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not (progress and primary), dynamic_ncols=True)
         losses = []
-        for _, batch in zip(range(steps_per_epoch), it):
-            state, loss = step_fn(state, shard_batch(batch, mesh))
-            loss = float(loss)
+        for _, local in zip(range(steps_per_epoch), it):
+            state, loss = step_fn(state, global_batch(local, mesh, cfg.batch_size))
+            loss = float(loss.addressable_data(0))  # replicated: the same on every process
             if not math.isfinite(loss):
                 bar.close()
                 raise NonFiniteLossError(
-                    f"loss became {loss} at step {int(state.step)} (epoch {epoch}); the last good "
-                    f"checkpoint is in {workdir / 'checkpoints' / 'last'}. Lower the learning "
-                    "rate or check the data.")
+                    f"loss became {loss} at step {int(state.step.addressable_data(0))} (epoch "
+                    f"{epoch}); the last good checkpoint is in {workdir / 'checkpoints' / 'last'}."
+                    " Lower the learning rate or check the data.")
             losses.append(loss)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
             bar.update()
         bar.close()
         train_s = time.perf_counter() - t0
         candidates = state.candidate_variables()
-        scored = {name: evaluate_split(model, v, val_split, batch_size=cfg.eval_batch_size)
+        scored = {name: score_split(model, v, val_split, batch_size=cfg.eval_batch_size)
                   for name, v in candidates.items()}
         chosen = max(scored, key=lambda name: scored[name].miou)  # ties: the first, raw
         scores = scored[chosen]
-        row = {"epoch": epoch, "step": int(state.step), "train_loss": float(np.mean(losses)),
+        row = {"epoch": epoch, "step": int(state.step.addressable_data(0)),
+               "train_loss": float(np.mean(losses)),
                "val_miou": scores.miou, "val_miou_per_head": scores.miou_per_head,
                "val_dice": scores.dice, "val_weights": chosen,
                **{f"val_miou_{name}": sc.miou for name, sc in scored.items()},
@@ -380,49 +727,76 @@ def train(cfg: TrainConfig, workdir, train_split: pipeline.Split, val_split: pip
                "train_images_per_s": round(steps_per_epoch * cfg.batch_size / train_s, 3),
                "eval_seconds": round(time.perf_counter() - t0 - train_s, 2)}
         rows.append(row)
+        # The validation scores are gathered from every process, so this agrees everywhere.
         is_best = best is None or row["val_miou"] > best["val_miou"]
-        if is_best:
-            best = row
-            best_mngr.save(epoch, args=ocp.args.StandardSave(candidates[chosen]), force=True)
-            best_mngr.wait_until_finished()
-        # The resume point is written after the best one, so a kill between the two at worst
-        # repeats this epoch.
-        last_mngr.save(epoch, args=ocp.args.StandardSave(_checkpointable(state, epoch)), force=True)
-        last_mngr.wait_until_finished()
-        _write_logs(workdir, rows)
+        # Commit protocol (docs/training.md): best weights, then the logs, then the resume
+        # point. A kill anywhere leaves last at epoch-1 or epoch; on resume, a best or a log row
+        # beyond last's epoch is dropped and the epoch runs again (same data, same result).
+        with _storage_errors(f"the checkpoints of epoch {epoch} in {workdir / 'checkpoints'}",
+                             epoch - 1):
+            if is_best:
+                best = row
+                best_mngr.save(epoch, args=ocp.args.StandardSave(candidates[chosen]), force=True)
+                best_mngr.wait_until_finished()
+            if primary:
+                _write_logs(workdir, rows)
+            epoch_arr = replicate(np.int32(epoch), mesh)
+            last_mngr.save(epoch, args=ocp.args.StandardSave(_checkpointable(state, epoch_arr)),
+                           force=True)
+            last_mngr.wait_until_finished()
+            for step in best_mngr.all_steps():  # committed: older bests are no longer needed
+                if step < best["epoch"]:
+                    best_mngr.delete(step)
         heads = " ".join(f"{m:.2f}" for m in scores.miou_per_head)
-        print(f"epoch {epoch}: loss {row['train_loss']:.4f}  val MIoU per head [{heads}] ({chosen})"
-              f"{'  (best)' if is_best else ''}  {row['train_images_per_s']:.2f} img/s "
-              f"{train_s:.0f}s+{row['eval_seconds']:.0f}s", flush=True)
+        say(f"epoch {epoch}: loss {row['train_loss']:.4f}  val MIoU per head [{heads}] ({chosen})"
+            f"{'  (best)' if is_best else ''}  {row['train_images_per_s']:.2f} img/s "
+            f"{train_s:.0f}s+{row['eval_seconds']:.0f}s", flush=True)
         epochs_run += 1
-    if rows:
-        plot_curves(rows, workdir / "curves.png")
+    if rows and primary:
+        with _storage_errors(workdir / "curves.png", rows[-1]["epoch"]):
+            plot_curves(rows, workdir / "curves.png")
+    last_mngr.close()
+    best_mngr.close()
     return {"best": best, "epochs_done": rows[-1]["epoch"] if rows else 0, "workdir": str(workdir)}
+
+
+def _best_step(workdir: Path) -> int | None:
+    """The newest best checkpoint of a committed epoch (none beyond the last finished one)."""
+    ck = workdir / "checkpoints"
+    last = _steps(ck / "last")
+    best = [s for s in _steps(ck / "best") if not last or s <= last[-1]]
+    return best[-1] if best else None
 
 
 def load_best(workdir) -> tuple[UNetPlusPlus, dict]:
     """The best checkpoint of a run as ``(model, variables)``."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser().resolve()  # orbax wants absolute paths
     cfg = json.loads((workdir / "config.json").read_text())
     model = UNetPlusPlus(widths=tuple(cfg["widths"]))
     abstract = jax.eval_shape(model.init, jax.random.key(0, impl="rbg"),
                               jnp.zeros((1, 16, 16, 3), jnp.float32))
-    mngr = ocp.CheckpointManager(workdir / "checkpoints" / "best")
-    if mngr.latest_step() is None:
+    step = _best_step(workdir)
+    if step is None:
         raise FileNotFoundError(f"no best checkpoint in {workdir / 'checkpoints' / 'best'}")
-    return model, dict(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
+    mngr = ocp.CheckpointManager(workdir / "checkpoints" / "best",
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return model, dict(mngr.restore(step, args=ocp.args.StandardRestore(abstract)))
+    finally:
+        mngr.close()
 
 
 def export_best(workdir, out, *, force: bool = False) -> Path:
     """Write a run's best checkpoint as a standalone checkpoint directory (what evaluation and
     ``load_pretrained`` read), recording the training config and the best epoch's metrics."""
     from unetpp_jax import __version__, checkpoint
-    from unetpp_jax.model import model_metadata
+    from unetpp_jax.pretrained import model_description as model_metadata
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser().resolve()
     checkpoint.ensure_writable(out, force)
     model, variables = load_best(workdir)
-    rows = _read_log(workdir / "metrics.jsonl", 10 ** 9)
+    last = _steps(workdir / "checkpoints" / "last")
+    rows = _read_log(workdir / "metrics.jsonl", last[-1] if last else 10 ** 9)
     best = max(rows, key=lambda r: r["val_miou"]) if rows else None
     metadata = {"model": model_metadata(model),
                 "training": {"config": json.loads((workdir / "config.json").read_text()),
