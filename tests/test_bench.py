@@ -20,7 +20,8 @@ import pytest
 
 from experiments import bench
 from unetpp_jax import checkpoint
-from unetpp_jax.benchmark import SECTIONS, interleaved_timings, round_ratio, time_jitted
+from experiments.benchmark import SECTIONS
+from unetpp_jax.timing import interleaved_timings, round_ratio, time_jitted
 from unetpp_jax.model import WIDTHS, UNetPlusPlus
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None

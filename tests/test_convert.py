@@ -131,7 +131,8 @@ def test_every_head_matches_twin(tmp_path, twin, flax_probs, fmt, prefixed):
 
     _, meta = checkpoint.load_variables(out)
     assert meta["model"] == {"name": "UNetPlusPlus", "deep_supervision": True, "in_channels": 3,
-                             "widths": [32, 64, 128, 256, 512], "num_classes": 1}
+                             "widths": [32, 64, 128, 256, 512], "num_classes": 1,
+                             "encoder": "vgg", "skips": "nested"}
     assert meta["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert meta["source"]["format"] == fmt
     assert any("module." in n for n in meta["conversion"]["notes"]) == prefixed
