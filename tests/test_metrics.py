@@ -1,4 +1,4 @@
-"""The table's metric: per-image foreground IoU / Dice (REFERENCE §4), and the confusion mIoU."""
+"""The table's metric: per-image foreground IoU / Dice, and the confusion mIoU."""
 
 from __future__ import annotations
 

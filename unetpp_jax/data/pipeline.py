@@ -295,7 +295,7 @@ _PROVENANCE = """\
 # Bundled DSB2018 validation split, 96x96
 
 The 134 validation images of the UNET-ZOO split of DSB2018 stage1_train, preprocessed at 96x96
-exactly as pytorch-nested-unet / UNET-ZOO do (REFERENCE §3), so that evaluation works without
+exactly as pytorch-nested-unet / UNET-ZOO do (docs/data.md), so that evaluation works without
 downloading anything. Read it with `unetpp_jax.data.pipeline.load_split()`.
 
 - Source: 2018 Data Science Bowl `stage1_train` (Kaggle `data-science-bowl-2018`) = BBBC038v1,

@@ -1,13 +1,13 @@
 """DSB2018 preprocessing exactly as pytorch-nested-unet / UNET-ZOO do it, without OpenCV.
 
-The reference (REFERENCE §3) reads each ``stage1_train/<id>/images/<id>.png`` with
+The reference (pytorch-nested-unet's preprocess_dsb2018.py) reads each ``stage1_train/<id>/images/<id>.png`` with
 ``cv2.imread`` (BGR, alpha dropped), takes the union of the instance masks (pixel > 127) as a
 float64 mask, resizes both with ``cv2.resize(..., INTER_LINEAR)`` and stores the mask as
 ``(mask * 255).astype(uint8)``: a *soft* mask whose edges hold intermediate grey levels.
 
 The resize is the part that matters. OpenCV's INTER_LINEAR samples at half-pixel centres, clamps
 at the edges and does **not** antialias when shrinking; Pillow's BILINEAR antialiases and costs
-about four MIoU points on a UNET-ZOO checkpoint (REFERENCE §3). This module restates OpenCV's
+about four MIoU points on a UNET-ZOO checkpoint. This module restates OpenCV's
 arithmetic in numpy: :func:`resize_linear` (float64, used for the mask) restates OpenCV's float64
 path and :func:`resize_linear_uint8` (used for the image) its 8-bit fixed-point path. On all 670
 stage1_train images, at 96 and at 256 pixels, both give exactly the masks and images that

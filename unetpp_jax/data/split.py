@@ -3,7 +3,7 @@
 Both repositories call ``train_test_split(img_ids, test_size=0.2, random_state=41)`` on the
 image ids. With ids sorted ascending (the glob order it relies on) this is
 ``perm = RandomState(41).permutation(n)``: validation = the first ``ceil(0.2 n)`` entries of
-``perm`` (134 of 670), training = the rest, both in ``perm`` order (REFERENCE §3). The
+``perm`` (134 of 670), training = the rest, both in ``perm`` order (pytorch-nested-unet's train.py). The
 training order matters: UNET-ZOO trains unshuffled, in exactly this order.
 """
 
