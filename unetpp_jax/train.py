@@ -327,7 +327,9 @@ def score_split(model, variables, split: pipeline.Split, *, batch_size: int = 16
 
         padded = np.full(scores.shape[:2] + (per,), np.nan)
         padded[..., :hi - lo] = scores
-        gathered = np.asarray(multihost_utils.process_allgather(padded))  # (n_proc, 2, heads, per)
+        # As uint32 words: jax (without x64) would round float64 to float32 on the way.
+        words = np.asarray(multihost_utils.process_allgather(padded.view(np.uint32)))
+        gathered = np.ascontiguousarray(words).view(np.float64)  # (n_proc, 2, heads, per)
         scores = np.concatenate(list(gathered), axis=-1)[..., :n]
     return HeadScores([100.0 * float(v.mean()) for v in scores[0]],
                       [100.0 * float(v.mean()) for v in scores[1]])
