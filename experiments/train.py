@@ -64,8 +64,13 @@ def apply_overrides(cfg, pairs):
             overrides[k] = v.lower() in ("1", "true", "yes")
         elif cur is not None and not isinstance(cur, (tuple, list)):
             overrides[k] = type(cur)(v)
-        else:  # tuples (widths) and optional ints: a Python literal such as (8, 16, 32, 64, 128)
-            overrides[k] = ast.literal_eval(v)
+        else:  # tuples (widths), optional ints or names: a Python literal such as (8, 16, 32)
+            try:
+                overrides[k] = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                if cur is not None:
+                    raise ValueError(f"--set {k}={v}: expected a Python literal like {cur!r}") from None
+                overrides[k] = v  # an optional name, e.g. dataset=folder
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
     _maybe_init_distributed(args.heartbeat_timeout)
     import jax
 
-    from unetpp_jax.data.pipeline import load_split
+    from unetpp_jax.data.registry import load_dataset
     from unetpp_jax.train import NonFiniteLossError, TrainingError, train
 
     cfg = get_config(args.config)
@@ -126,8 +131,15 @@ def main(argv=None) -> int:
     primary = jax.process_index() == 0
 
     progress = not args.no_progress and primary
-    train_split = load_split(args.data, "train", cfg.image_size, progress=progress)
-    val_split = load_split(args.data, "validation", cfg.image_size, progress=progress)
+    try:
+        cfg.build_model()  # a bad --set architecture/encoder/widths fails here, in one line
+        train_split = load_dataset(args.data, "train", cfg.image_size, dataset=cfg.dataset,
+                                   progress=progress)
+        val_split = load_dataset(args.data, "validation", cfg.image_size, dataset=cfg.dataset,
+                                 progress=progress)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"error: {e}", 2)
+        return 2
     if primary:
         procs = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
         print(f"config {cfg.name}: {len(train_split)} train / {len(val_split)} val images at "

@@ -7,9 +7,24 @@ import tempfile
 from pathlib import Path
 
 
+def fsync_dir(path) -> None:
+    """fsync a directory, so a rename inside it survives a power loss (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, flushed and
-    fsync'ed, then renamed over ``path``: readers see the old file or the whole new one."""
+    fsync'ed, then renamed over ``path`` (and the folder fsync'ed): readers see the old file or
+    the whole new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -20,6 +35,7 @@ def write_bytes_atomic(path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

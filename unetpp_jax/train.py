@@ -52,15 +52,30 @@ from tqdm.auto import tqdm
 from unetpp_jax import metrics
 from unetpp_jax.data import pipeline
 from unetpp_jax.evaluate import HeadScores, predict_split
+from unetpp_jax.data.normalization import UNETZOO_INPUT
+from unetpp_jax.files import write_bytes_atomic
 from unetpp_jax.model import WIDTHS, UNetPlusPlus, init_variables
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on; saved next to its checkpoints."""
+    """Everything a run depends on; saved next to its checkpoints (``config.json``).
+
+    The model is named by ``architecture`` (a key of ``pretrained.ARCHITECTURES``) and the
+    settings below that the architecture has (``encoder``, ``widths``, ``deep_supervision``,
+    ``num_classes``); :meth:`model_description` is the description written to ``config.json``
+    and to every exported checkpoint's ``metadata.json``, from which ``load_pretrained``
+    rebuilds the model. ``dataset`` names an entry of ``data.registry.DATASETS`` (None: the one
+    that recognizes ``--data``).
+    """
 
     name: str = "custom"
+    architecture: str = "UNetPlusPlus"
+    encoder: str = "vgg"
     widths: Sequence[int] = WIDTHS
+    deep_supervision: bool = True
+    num_classes: int = 1
+    dataset: str | None = None
     image_size: int = 96
     batch_size: int = 8  # global batch
     epochs: int = 21
@@ -82,9 +97,28 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first N training examples (tests)
     val_limit: int | None = None
 
+    def build_model(self):
+        """The Flax module this config trains."""
+        from unetpp_jax.pretrained import architecture, build_model
+
+        settings = {f.name for f in dataclasses.fields(architecture(self.architecture))}
+        desc = {"name": self.architecture}
+        for field in ("encoder", "widths", "deep_supervision", "num_classes"):
+            if field in settings:
+                desc[field] = getattr(self, field)
+        return build_model(desc, where=f"config {self.name!r}")
+
+    def model_description(self) -> dict:
+        """The model's full description (``pretrained.model_description``): the same dict goes
+        to ``config.json`` and to exported checkpoints' ``metadata.json``."""
+        from unetpp_jax.pretrained import model_description
+
+        return model_description(self.build_model())
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["widths"] = list(self.widths)
+        d["model"] = self.model_description()
         return d
 
 
@@ -181,7 +215,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
 
 
 def create_state(cfg: TrainConfig, steps_per_epoch: int) -> tuple[UNetPlusPlus, TrainState]:
-    model = UNetPlusPlus(widths=tuple(cfg.widths))
+    model = cfg.build_model()
     variables = init_variables(model, cfg.seed)
     tx = make_optimizer(cfg, steps_per_epoch)
     ema = None
@@ -375,30 +409,9 @@ def _all_agree(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write(path, data) -> None:
-    """Write ``data`` (str or bytes) to ``path`` all or nothing: temp file, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` (str or bytes) to ``path`` all or nothing (``files.write_bytes_atomic``)."""
+    write_bytes_atomic(path, data.encode("utf-8") if isinstance(data, str) else data)
 
 
 class WorkdirLock:
@@ -591,8 +604,12 @@ def _check_config(workdir: Path, cfg: TrainConfig) -> bool:
             warnings.warn(f"{cfg_path} is cut off or unreadable (a write interrupted by an older "
                           "version); rewriting it from this run's config", stacklevel=3)
         return True
-    if saved != cfg.to_json():
-        diff = {k: (saved.get(k), v) for k, v in cfg.to_json().items() if saved.get(k) != v}
+    now = cfg.to_json()
+    # A run saved before a field existed had that field's default.
+    default = TrainConfig(name=cfg.name, widths=saved.get("widths", WIDTHS)).to_json()
+    saved = {**{k: v for k, v in default.items() if k not in saved}, **saved}
+    if saved != now:
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         raise ValueError(f"{workdir} holds a run with another config (saved vs now: {diff}); "
                          "use a new --workdir or the same settings to resume")
     return False
@@ -773,10 +790,12 @@ def _best_step(workdir: Path) -> int | None:
 def load_best(workdir) -> tuple[UNetPlusPlus, dict]:
     """The best checkpoint of a run as ``(model, variables)``."""
     workdir = Path(workdir).expanduser().resolve()  # orbax wants absolute paths
+    from unetpp_jax.pretrained import abstract_variables, build_model
+
     cfg = json.loads((workdir / "config.json").read_text())
-    model = UNetPlusPlus(widths=tuple(cfg["widths"]))
-    abstract = jax.eval_shape(model.init, jax.random.key(0, impl="rbg"),
-                              jnp.zeros((1, 16, 16, 3), jnp.float32))
+    desc = cfg.get("model") or {"name": "UNetPlusPlus", "widths": cfg["widths"]}  # older runs
+    model = build_model(desc, where=str(workdir / "config.json"))
+    abstract = abstract_variables(model)
     step = _best_step(workdir)
     if step is None:
         raise FileNotFoundError(f"no best checkpoint in {workdir / 'checkpoints' / 'best'}")
@@ -800,8 +819,11 @@ def export_best(workdir, out, *, force: bool = False) -> Path:
     last = _steps(workdir / "checkpoints" / "last")
     rows = _read_log(workdir / "metrics.jsonl", last[-1] if last else 10 ** 9)
     best = max(rows, key=lambda r: r["val_miou"]) if rows else None
-    metadata = {"model": model_metadata(model),
-                "training": {"config": json.loads((workdir / "config.json").read_text()),
+    cfg_json = json.loads((workdir / "config.json").read_text())
+    # Training normalises as pipeline.normalize (UNET-ZOO's input), at image_size.
+    spec = dataclasses.replace(UNETZOO_INPUT, size=(cfg_json.get("image_size", 96),) * 2)
+    metadata = {"model": model_metadata(model), "input": spec.to_json(),
+                "training": {"config": cfg_json,
                              "best_epoch": best, "epochs_logged": len(rows),
                              "unetpp_jax_version": __version__}}
     return checkpoint.save_variables(out, jax.device_get(variables), metadata, force=force)
