@@ -9,31 +9,25 @@ numerics object is all a precision does, so the topology is written once. ``role
 A precision's options are fields of its (frozen, hashable) dataclass, so they travel inside the
 object and each distinct choice compiles to its own program::
 
-    numerics = get_numerics("int8", skip_first_conv=True)
+    numerics = get_numerics("int8", skip_first_conv=True, execution="native")
     model = model.clone(numerics=numerics)
 
+How a precision is *executed* is one of those options, not another table entry: ``fp16``,
+``bf16`` and ``int8`` take ``execution="emulated"`` (the default: the vendor engines' arithmetic,
+computed in float32 where it must be exact) or ``"native"`` (the narrow dtypes handed to XLA:
+int8 x int8 -> int32 convolutions, bfloat16 convolutions). Both executions of a precision read
+the same calibration, round at the same sites on the same grids, and agree to float rounding;
+every other option (which convs stay float, the sensitivity switches) applies to both.
+
 Adding a precision: one dataclass here with ``name``/``summary`` and a ``conv`` method, and one
-entry in :data:`PRECISIONS`.
-
-The emulations (what the vendor's engines do, computed in float32):
-
-* ``fp16`` / ``bf16``: folded weights, bias and conv input cast to float16 (bfloat16),
-  accumulation in float32, output rounded back. ReLU, max-pool, upsampling and concatenation
-  then run on the 16-bit values; heads' logits are cast to float32 and the sigmoid runs in
-  float32.
-* ``int8``: weights symmetric per output channel (max |w| / 127, round to nearest, clip to
-  [-127, 127]); each conv input quantized symmetrically per tensor with a calibrated scale ``s``:
-  ``clip(round(x / s), -127, 127)``. The convolution runs on the integer grid (integer-valued
-  float32 operands, exactly what an int8 kernel multiplies) and is rescaled by ``s * s_w`` per
-  output channel; the bias stays float. Max-pool, upsampling, concatenation and the sigmoid run
-  in float. The scales are data: the ``'quant'`` collection, a tree mirroring ``params`` with a
-  site per conv input (``'<conv>_in'``) and, for ``requantize_concat_inputs``, per node output
-  (``'<conv>_out'``); see ``docs/quantization.md``.
+entry in :data:`PRECISIONS`. What each precision computes, and how int8 relates to TVM and to
+QDQ runtimes, is in ``docs/quantization.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, Protocol
 
 import jax
@@ -114,34 +108,88 @@ class Float32:
         return conv2d(x, kernel, bias, stride=stride, padding=padding)
 
 
+EXECUTIONS = ("emulated", "native")  # how fp16 / bf16 / int8 convolutions are executed
+SWITCH_SUFFIX = "quantized"  # '<conv>_quantized': the per-conv switch of Int8(switchable=True)
+WEIGHT_SUFFIXES = ("wq", "ws")  # '<conv>_wq' int8 kernel, '<conv>_ws' its per-channel scales
+
+
+def _check_execution(numerics) -> None:
+    if numerics.execution not in EXECUTIONS:
+        raise ValueError(f"{numerics.name}: execution must be one of {EXECUTIONS}, "
+                         f"got {numerics.execution!r}")
+
+
+def conv_path(module, name: str) -> str:
+    """The conv's path in the parameter tree, ``'conv0_1/conv1'`` or ``'final4'`` (how
+    ``Int8.keep_float`` and the sensitivity ranking name convs)."""
+    return "/".join((*module.scope.path, name))
+
+
 @dataclasses.dataclass(frozen=True)
 class Float16:
-    """fp16 emulation: float16 operands, float32 accumulation, float16 result."""
+    """fp16: float16 operands and results.
+
+    ``execution='emulated'`` (default): the conv accumulates in float32
+    (``preferred_element_type=float32``) and its result, plus the bias, is rounded to float16:
+    what the vendor's engine guarantees. ``'native'``: the conv is asked for a float16 result
+    (``preferred_element_type=float16``), so the backend's own conv kernel decides how it
+    accumulates, and the bias is added in float16.
+    """
 
     name: ClassVar[str] = "fp16"
-    summary: ClassVar[str] = "float16 operands and results, float32 accumulation (emulated)"
+    summary: ClassVar[str] = "float16 operands and results, float32 accumulation"
     needs_calibration: ClassVar[bool] = False
     dtype: ClassVar = jnp.float16
+    execution: str = "emulated"
+
+    def __post_init__(self):
+        _check_execution(self)
 
     def conv(self, module, name, x, kernel, bias, role, *, stride=1, padding=None):
         del module, name, role
         d = self.dtype
+        accumulate = jnp.float32 if self.execution == "emulated" else d
         return conv2d(map_parts(lambda p: p.astype(d), x), kernel.astype(d), bias.astype(d),
-                      stride=stride, padding=padding)
+                      stride=stride, padding=padding, preferred_element_type=accumulate)
+
+    def compiler_options(self) -> dict | None:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class BFloat16(Float16):
-    """bf16 emulation: bfloat16 operands, float32 accumulation, bfloat16 result."""
+    """bf16: bfloat16 operands and results (executions as :class:`Float16`)."""
 
     name: ClassVar[str] = "bf16"
-    summary: ClassVar[str] = "bfloat16 operands and results, float32 accumulation (emulated)"
+    summary: ClassVar[str] = "bfloat16 operands and results, float32 accumulation"
     dtype: ClassVar = jnp.bfloat16
+
+
+# XLA:CPU runs s8 x s8 -> s32 convolutions in YNNPACK; with YNNPACK off (the package's default
+# for float programs, inference.compiler_options) it converts both operands to s32 and runs a
+# generic loop, ~10x slower than the float conv. Native int8 programs therefore turn YNNPACK's
+# convolutions on (and only those).
+_YNN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+
+
+@functools.lru_cache(maxsize=None)
+def native_int8_compiler_options() -> dict:
+    """Compiler options of native int8 programs: YNNPACK convolutions on CPU where the running
+    jaxlib knows that option, nothing elsewhere (GPU: XLA picks its own int8 conv kernels)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_YNN_CONVOLUTIONS).lower(
+            jnp.zeros((), jnp.float32)).compile()
+    except Exception:  # an older or newer jaxlib without this option or value
+        return {}
+    return dict(_YNN_CONVOLUTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8:
-    """int8 emulation with calibrated per-tensor activation scales.
+    """int8 with calibrated per-tensor activation scales and per-channel weights.
 
     Attributes:
       skip_first_conv: keep the conv that reads the image (role ``input``) in float, as TVM's
@@ -149,26 +197,79 @@ class Int8:
       requantize_concat_inputs: also round every node output (role ``node``) at its own scale
         before it reaches a concatenation (two int8 roundings, as in an int8-everywhere runtime);
         off, each conv input is rounded once at its shared per-tensor scale, as in TVM.
+      execution: ``'emulated'`` (default): the integer grid values held in float32, a float32
+        conv, rescaled by ``s * s_w``. ``'native'``: the conv input cast to an ``int8`` array,
+        the kernel ``int8``, ``conv(int8, int8) -> int32`` (``preferred_element_type=int32``:
+        exact), then one float rescale ``acc * (s * s_w) + bias``. The same values up to the
+        float32 rounding of sums beyond 2**24 in the emulation. Precomputed int8 kernels
+        (:func:`prepare_variables`) are used when present.
+      keep_float: paths of convs (``'conv0_1/conv1'``, ``'final4'``; :func:`conv_path`) that stay
+        float32: mixed precision. A tuple, so the object stays hashable.
+      switchable: every conv reads a switch ``'<conv>_quantized'`` (a float32 scalar, 1 =
+        quantized, 0 = float32) from the ``'quant'`` collection and runs one branch of a
+        ``lax.cond``: which convs are quantized is then data, so one compiled program serves the
+        whole sensitivity pass (:func:`switches`). A missing switch means quantized.
     """
 
     name: ClassVar[str] = "int8"
     summary: ClassVar[str] = ("int8 weights per channel, int8 activations per tensor with "
-                              "calibrated scales (emulated)")
+                              "calibrated scales")
     needs_calibration: ClassVar[bool] = True
     skip_first_conv: bool = False
     requantize_concat_inputs: bool = False
+    execution: str = "emulated"
+    keep_float: tuple[str, ...] = ()
+    switchable: bool = False
+
+    def __post_init__(self):
+        _check_execution(self)
+        if isinstance(self.keep_float, str):
+            raise ValueError("keep_float is a tuple of conv paths, not one string")
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+
+    def compiler_options(self) -> dict | None:
+        return native_int8_compiler_options() if self.execution == "native" else None
 
     def conv(self, module, name, x, kernel, bias, role, *, stride=1, padding=None):
-        if self.skip_first_conv and role == ROLE_INPUT:
+        if ((self.skip_first_conv and role == ROLE_INPUT)
+                or (self.keep_float and conv_path(module, name) in self.keep_float)):
             return conv2d(x, kernel, bias, stride=stride, padding=padding)
         s = read_scale(module, site_name(name, "in"))
-        wq, ws = quantize_weights(kernel)
-        # One per-tensor scale for the whole (concatenated) input, applied part by part.
-        xq = map_parts(lambda p: quantize_to_grid(p.astype(jnp.float32), s), x)
-        y = conv2d(xq, wq, stride=stride, padding=padding) * (s * ws) + bias
-        if self.requantize_concat_inputs and role == ROLE_NODE:
-            y = fake_quantize(y, read_scale(module, site_name(name, "out")))
-        return y
+        out_scale = (read_scale(module, site_name(name, "out"))
+                     if self.requantize_concat_inputs and role == ROLE_NODE else None)
+        wq, ws = self._weights(module, name, kernel)
+
+        def quantized(x):
+            if self.execution == "native":
+                xq = map_parts(lambda p: quantize_to_grid(p.astype(jnp.float32), s)
+                               .astype(jnp.int8), x)
+                acc = conv2d(xq, wq.astype(jnp.int8), stride=stride, padding=padding,
+                             preferred_element_type=jnp.int32)
+                y = acc.astype(jnp.float32) * (s * ws) + bias
+            else:
+                # One per-tensor scale for the whole (concatenated) input, applied part by part.
+                xq = map_parts(lambda p: quantize_to_grid(p.astype(jnp.float32), s), x)
+                y = conv2d(xq, wq.astype(jnp.float32), stride=stride, padding=padding) * (
+                    s * ws) + bias
+            return y if out_scale is None else fake_quantize(y, out_scale)
+
+        if not self.switchable:
+            return quantized(x)
+        switch = module.get_variable(QUANT_COLLECTION, site_name(name, SWITCH_SUFFIX))
+        if switch is None:
+            return quantized(x)
+        x = map_parts(lambda p: p.astype(jnp.float32), x)
+        return jax.lax.cond(switch > 0, quantized,
+                            lambda x: conv2d(x, kernel, bias, stride=stride, padding=padding), x)
+
+    @staticmethod
+    def _weights(module, name, kernel):
+        """The int8 kernel and its per-channel scales: precomputed (:func:`prepare_variables`)
+        when the ``'quant'`` collection holds them, else quantized here."""
+        wq = module.get_variable(QUANT_COLLECTION, site_name(name, WEIGHT_SUFFIXES[0]))
+        if wq is not None:
+            return wq, module.get_variable(QUANT_COLLECTION, site_name(name, WEIGHT_SUFFIXES[1]))
+        return quantize_weights(kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,3 +321,84 @@ def with_numerics(model, precision, **options):
     """``model`` with its inference convolutions computed at ``precision`` (a static choice:
     each compiles to its own program; int8 needs ``calibration.attach(variables)``)."""
     return model.clone(numerics=get_numerics(precision, **options))
+
+
+# ------------------------------------------------------------------ per-checkpoint preparation
+
+
+def _kernels(params, path=()):
+    """``(scope path, conv name, kernel)`` of every 4-d conv kernel in a params tree."""
+    for key, value in params.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            if "kernel" in value and getattr(value["kernel"], "ndim", 0) == 4:
+                yield path, key, value["kernel"]
+            else:
+                yield from _kernels(value, (*path, key))
+
+
+@jax.jit
+def _quantized_kernels(kernels):
+    return [quantize_weights(k) for k in kernels]
+
+
+def quantized_weight_tree(params) -> dict:
+    """A ``'quant'``-collection tree with every conv's int8 kernel (``'<conv>_wq'``, int8 HWIO)
+    and its per-channel scales (``'<conv>_ws'``, float32), mirroring ``params`` as the scale
+    sites do. ``params`` must be BatchNorm-folded (the kernels the convs really use)."""
+    found = list(_kernels(params))
+    quantized = _quantized_kernels([k for _, _, k in found])
+    tree: dict = {}
+    for (path, name, _), (wq, ws) in zip(found, quantized):
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[site_name(name, WEIGHT_SUFFIXES[0])] = wq.astype(jnp.int8)
+        node[site_name(name, WEIGHT_SUFFIXES[1])] = ws
+    return tree
+
+
+def merge_trees(a, b) -> dict:
+    """Nested dicts ``a`` and ``b`` merged (``b`` wins on a leaf both hold)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(
+            out.get(k), dict) else v
+    return out
+
+
+def prepare_variables(numerics, variables):
+    """Variables as ``numerics`` runs them, computed once per checkpoint rather than in every
+    call (as ``inference.fold_batchnorm_variables`` folds BatchNorm once): BatchNorm folded and,
+    for native int8, every conv's int8 kernel and per-channel scales added to the ``'quant'``
+    collection (:func:`quantized_weight_tree`; the float kernels stay, for ``keep_float``)."""
+    from unetpp_jax.inference import fold_batchnorm_variables
+
+    variables = fold_batchnorm_variables(variables)
+    if isinstance(numerics, Int8) and numerics.execution == "native":
+        weights = quantized_weight_tree(variables["params"])
+        variables = {**variables, QUANT_COLLECTION: merge_trees(
+            dict(variables.get(QUANT_COLLECTION, {})), weights)}
+    return variables
+
+
+def program_compiler_options(numerics) -> dict:
+    """Compiler options of an inference program at ``numerics``: the package's
+    (``inference.compiler_options``) unless the numerics need their own (native int8)."""
+    from unetpp_jax.inference import compiler_options
+
+    own = getattr(numerics, "compiler_options", lambda: None)()
+    return compiler_options() if own is None else own
+
+
+def switches(conv_paths, quantized) -> dict:
+    """A ``'quant'``-collection tree of :class:`Int8` ``switchable`` switches: 1.0 for the convs
+    in ``quantized``, 0.0 for the other ``conv_paths``."""
+    quantized = set(quantized)
+    tree: dict = {}
+    for path in conv_paths:
+        *scope, name = path.split("/")
+        node = tree
+        for key in scope:
+            node = node.setdefault(key, {})
+        node[site_name(name, SWITCH_SUFFIX)] = jnp.float32(path in quantized)
+    return tree

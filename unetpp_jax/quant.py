@@ -25,13 +25,20 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unetpp_jax.files import write_text_atomic
 from unetpp_jax.inference import compiler_options, fold_batchnorm_variables
 from unetpp_jax.numerics import (
     INT8_MAX,
@@ -330,6 +337,12 @@ def _batch_statistics_program():
 # ------------------------------------------------------------------------- calibration
 
 
+CALIBRATION_FORMAT = "unetpp-jax-calibration"
+CALIBRATION_FORMAT_VERSION = 1
+CALIBRATION_JSON = "calibration.json"
+SCALES_DIR = "scales"  # an orbax PyTree checkpoint of the scales, the 'quant' tree as used
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """Calibrated int8 activation scales and how they were obtained.
@@ -338,6 +351,12 @@ class Calibration:
     site (``'conv0_1': {'conv1_in', 'conv2_in', 'conv2_out'}``, ``'final4_in'``, ...): the
     scale ``s`` of the int8 grid, the clipping threshold ``T`` it came from, and the largest
     |x| seen. ``scales`` holds float32 arrays; the others Python floats.
+
+    Provenance: ``options`` (the method's settings: batch size, percentile), ``images_sha256``
+    (of the float32 calibration images as given), ``weights_sha256`` (of the variables it was
+    computed from, :func:`weights_fingerprint`; empty when unknown), ``created`` (UTC), and,
+    once saved or loaded, ``path`` and ``reused`` (True when :func:`load_or_calibrate` found it
+    rather than computing it).
     """
 
     method: str
@@ -346,18 +365,109 @@ class Calibration:
     amax: Mapping[str, Any]
     num_images: int
     seconds: float
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    images_sha256: str = ""
+    weights_sha256: str = ""
+    created: str = ""
+    path: str | None = None
+    reused: bool = False
 
     def attach(self, variables: Mapping[str, Any]) -> dict:
-        """``variables`` with the scales in the ``'quant'`` collection, for the int8 model."""
-        return {**variables, QUANT_COLLECTION: self.scales}
+        """``variables`` with the scales in the ``'quant'`` collection, for the int8 model
+        (anything already there, e.g. precomputed int8 weights, is kept)."""
+        from unetpp_jax.numerics import merge_trees
+
+        quant = merge_trees(dict(variables.get(QUANT_COLLECTION, {})), dict(self.scales))
+        return {**variables, QUANT_COLLECTION: quant}
+
+    def sites(self) -> list[str]:
+        """Every site, ``'conv0_1/conv1_in'``, in tree order."""
+        return list(_flatten(self.thresholds))
+
+    def conv_paths(self) -> list[str]:
+        """The conv of every input site (``'conv0_1/conv1'``, ``'final4'``): the convs int8
+        quantizes, as ``numerics.conv_path`` names them."""
+        return [s[:-len("_in")] for s in self.sites() if s.endswith("_in")]
 
     def summary(self) -> dict:
-        """JSON-ready description (method, images, seconds, per-site threshold and max)."""
+        """JSON-ready description (method, images, seconds, provenance, per-site scale,
+        threshold and max)."""
         flat_t = _flatten(self.thresholds)
         flat_m = _flatten(self.amax)
+        flat_s = _flatten(self.scales)
         return {"method": self.method, "num_images": self.num_images,
-                "seconds": round(self.seconds, 3),
-                "sites": {k: {"threshold": flat_t[k], "amax": flat_m[k]} for k in flat_t}}
+                "seconds": round(self.seconds, 3), "options": dict(self.options),
+                "images_sha256": self.images_sha256, "weights_sha256": self.weights_sha256,
+                "created": self.created,
+                "sites": {k: {"scale": float(flat_s[k]), "threshold": flat_t[k],
+                              "amax": flat_m[k]} for k in flat_t}}
+
+    def provenance(self) -> dict:
+        """What an evaluation records about the calibration it used."""
+        return {"method": self.method, "num_images": self.num_images,
+                "seconds": round(self.seconds, 3), "options": dict(self.options),
+                "path": self.path, "reused": self.reused, "created": self.created,
+                "images_sha256": self.images_sha256}
+
+    def save(self, directory) -> Path:
+        """Write the calibration atomically to ``directory``: the scales as an orbax PyTree
+        checkpoint (``scales/``) and ``calibration.json`` (format marker, provenance and every
+        site's scale, threshold and max, exactly: Python floats round-trip through JSON). An
+        existing calibration there is replaced. Returns the absolute path."""
+        import orbax.checkpoint as ocp
+
+        directory = Path(directory).expanduser().absolute()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": CALIBRATION_FORMAT, "format_version": CALIBRATION_FORMAT_VERSION,
+               **self.summary(), "seconds": self.seconds,
+               "thresholds": self.thresholds, "amax": self.amax}
+        text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-",
+                                    dir=directory.parent))
+        try:
+            os.chmod(tmp, 0o755)
+            host = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), dict(self.scales))
+            ocp.PyTreeCheckpointer().save(tmp / SCALES_DIR, host)
+            write_text_atomic(tmp / CALIBRATION_JSON, text)
+            old = None
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-{os.getpid()}-",
+                                            dir=directory.parent))
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "Calibration":
+        """The calibration :meth:`save` wrote to ``directory`` (``path`` set, ``reused`` True)."""
+        import orbax.checkpoint as ocp
+
+        directory = Path(directory).expanduser().absolute()
+        file = directory / CALIBRATION_JSON
+        try:
+            doc = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory}: no saved calibration ({CALIBRATION_JSON})") \
+                from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: invalid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"{file}: not a {CALIBRATION_FORMAT} file")
+        if doc.get("format_version", 0) > CALIBRATION_FORMAT_VERSION:
+            raise ValueError(f"{file}: written by a newer version")
+        restored = ocp.PyTreeCheckpointer().restore(directory / SCALES_DIR)
+        scales = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), restored)
+        return cls(method=doc["method"], scales=scales, thresholds=doc["thresholds"],
+                   amax=doc["amax"], num_images=int(doc["num_images"]),
+                   seconds=float(doc["seconds"]), options=doc.get("options", {}),
+                   images_sha256=doc.get("images_sha256", ""),
+                   weights_sha256=doc.get("weights_sha256", ""),
+                   created=doc.get("created", ""), path=str(directory), reused=True)
 
 
 def _flatten(tree) -> dict[str, Any]:
@@ -464,5 +574,118 @@ def calibrate(model, variables: Mapping[str, Any], images, method: str = "kl", *
         thresholds = jax.tree_util.tree_unflatten(treedef, found)
     scales = jax.tree_util.tree_map(
         lambda t, m: jnp.float32(scale_from_threshold(method, t, m)), thresholds, amax)
+    options = {"batch_size": batch_size}
+    if method == "percentile":
+        options["percentile"] = percentile
     return Calibration(method=method, scales=scales, thresholds=thresholds, amax=amax,
-                       num_images=len(np.asarray(images)), seconds=time.perf_counter() - t0)
+                       num_images=len(np.asarray(images)), seconds=time.perf_counter() - t0,
+                       options=options, images_sha256=images_fingerprint(images),
+                       weights_sha256=weights_fingerprint(variables),
+                       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+# ------------------------------------------------------------------ saved calibrations
+
+
+def images_fingerprint(images) -> str:
+    """sha256 of the calibration images as float32 NHWC (shape included)."""
+    a = np.ascontiguousarray(np.asarray(images, np.float32))
+    h = hashlib.sha256(repr(a.shape).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def weights_fingerprint(variables: Mapping[str, Any]) -> str:
+    """sha256 of ``params`` and ``batch_stats`` (paths, dtypes, shapes and bytes): what the
+    scales were computed from. A replaced checkpoint gets a new fingerprint, so its stale
+    calibrations are never reused."""
+    h = hashlib.sha256()
+    tree = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def user_cache_dir() -> Path:
+    """``$UNETPP_JAX_CACHE``, else ``$XDG_CACHE_HOME/unetpp-jax``, else ``~/.cache/unetpp-jax``."""
+    if os.environ.get("UNETPP_JAX_CACHE"):
+        return Path(os.environ["UNETPP_JAX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "unetpp-jax"
+
+
+def calibration_key(method: str, num_images: int, images_sha256: str,
+                    percentile: float | None = None) -> str:
+    """The directory name of a calibration: ``<method>-<n>-<images sha256[:12]>`` (with the
+    percentile for ``percentile``), so different image sets never share one."""
+    m = f"percentile{percentile:g}" if method == "percentile" else method
+    return f"{m}-{num_images}-{images_sha256[:12]}"
+
+
+def _writable_dir(path: Path) -> bool:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK)
+
+
+def calibration_root(checkpoint_path, weights_sha256: str) -> Path:
+    """Where the calibrations of a checkpoint live: ``<checkpoint>/calibration/`` when the
+    checkpoint is a writable directory outside the installed package; else (the bundled
+    weights, a read-only checkpoint, no path) ``<user cache>/calibration/<weights
+    sha256[:16]>/`` (:func:`user_cache_dir`)."""
+    from unetpp_jax.pretrained import bundled_checkpoint_path
+
+    if checkpoint_path is not None:
+        ck = Path(checkpoint_path).expanduser().absolute()
+        package = bundled_checkpoint_path().parent.parent.parent.absolute()
+        if ck.is_dir() and package not in ck.parents and _writable_dir(ck / "calibration"):
+            return ck / "calibration"
+    return user_cache_dir() / "calibration" / weights_sha256[:16]
+
+
+def load_or_calibrate(checkpoint_path, model, variables: Mapping[str, Any], images,
+                      method: str = "kl", *, batch_size: int = 16, percentile: float = 99.99,
+                      progress: Callable[[str, int, int], None] | None = None,
+                      recalibrate: bool = False, log: Callable[[str], None] | None = None
+                      ) -> Calibration:
+    """The calibration of ``checkpoint_path``'s ``variables`` on ``images`` with ``method``:
+    loaded when saved before (same weights, same images, same method and percentile), else
+    computed with :func:`calibrate` and saved (:meth:`Calibration.save`) under
+    :func:`calibration_root` / :func:`calibration_key`. ``checkpoint_path`` None: the bundled
+    weights (saved in the user cache). ``recalibrate``: compute and replace even if saved.
+    The result's ``path`` and ``reused`` say which happened; a calibration that cannot be
+    saved (no writable place) is returned unsaved, ``path`` None, with a note through ``log``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {METHODS}")
+    images = np.asarray(images, np.float32)
+    images_sha = images_fingerprint(images)
+    weights_sha = weights_fingerprint(variables)
+    root = calibration_root(checkpoint_path, weights_sha)
+    directory = root / calibration_key(method, len(images), images_sha,
+                                       percentile if method == "percentile" else None)
+    if not recalibrate and (directory / CALIBRATION_JSON).is_file():
+        try:
+            found = Calibration.load(directory)
+        except (OSError, ValueError, KeyError) as e:
+            found = None
+            if log:
+                log(f"ignoring the unreadable calibration at {directory}: {e}")
+        if found is not None and found.images_sha256 == images_sha and (
+                found.weights_sha256 == weights_sha):
+            return found
+        if found is not None and log:
+            log(f"the calibration at {directory} was made from other weights or images: "
+                "calibrating again")
+    calib = calibrate(model, variables, images, method, batch_size=batch_size,
+                      percentile=percentile, progress=progress)
+    try:
+        path = calib.save(directory)
+    except OSError as e:
+        if log:
+            log(f"could not save the calibration to {directory}: {e}")
+        return calib
+    return dataclasses.replace(calib, path=str(path), reused=False)
