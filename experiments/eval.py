@@ -3,6 +3,11 @@
     python -m experiments.eval --precision all                     # bundled weights and data
     python -m experiments.eval --precision int8 --calibration kl-trt --head all
     python -m experiments.eval --checkpoint my_flax_ckpt --data stage1_train.zip --json out.json
+    python -m experiments.eval --precision int8 --precision bf16 --execution native
+    python -m experiments.eval --precision int8 --sensitivity --keep-float 3
+
+int8 calibrations are saved (``<checkpoint>/calibration/``, or the user cache for the bundled
+or a read-only checkpoint) and reused by later runs; ``--recalibrate`` computes them again.
 
 The metric is the card's: per-image foreground IoU (prediction >= 0.5, ground truth >= 125),
 averaged over the validation images, x100. UNET-ZOO scores the last head.
@@ -83,6 +88,20 @@ def main(argv=None) -> int:
                     help="int8: keep the conv reading the image in float (TVM's skip_conv_layers=[0])")
     ap.add_argument("--requantize-concat", action="store_true",
                     help="int8: also round every node output to its own int8 grid before concat")
+    ap.add_argument("--execution", choices=("emulated", "native"), default="emulated",
+                    help="fp16/bf16/int8: 'emulated' (default: the vendor engines' arithmetic in "
+                         "float32) or 'native' (int8 x int8 -> int32 / bfloat16 convolutions)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="int8: calibrate again even if a saved calibration fits")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="int8: rank the convs by the MIoU drop of quantizing each alone "
+                         "(everything else fp32), on --sensitivity-images images")
+    ap.add_argument("--sensitivity-images", type=_positive, default=32,
+                    help="validation images of the sensitivity pass (default 32: it runs one "
+                         "evaluation per conv, ~35)")
+    ap.add_argument("--keep-float", type=int, default=0, metavar="K",
+                    help="int8: keep the K most sensitive convs in float (runs the "
+                         "sensitivity pass; mixed precision)")
     ap.add_argument("--batch-size", type=_positive, default=16, help="evaluation batch (default 16)")
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON")
     ap.add_argument("--save-overlays", metavar="DIR",
@@ -91,6 +110,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     progress = not args.no_progress
+    if args.keep_float < 0:
+        print("error: --keep-float must be >= 0", file=sys.stderr)
+        return 2
     try:
         from unetpp_jax.pretrained import bundled_checkpoint_path
 
@@ -117,6 +139,8 @@ def main(argv=None) -> int:
         return 2
     model, variables, spec = loaded.model, loaded.variables, loaded.input_spec
     precisions = _precisions(args.precision)
+    if (args.sensitivity or args.keep_float) and "int8" not in precisions:
+        precisions.append("int8")
     n_heads = model.num_heads
     if args.head in ("all", "last"):
         head = n_heads
@@ -127,7 +151,8 @@ def main(argv=None) -> int:
               "(or use 'last' / 'all')", file=sys.stderr)
         return 2
     int8_options = {"skip_first_conv": args.skip_first_conv,
-                    "requantize_concat_inputs": args.requantize_concat}
+                    "requantize_concat_inputs": args.requantize_concat,
+                    "execution": args.execution}
 
     calibration = None
     if any(get_numerics(p).needs_calibration for p in precisions):
@@ -138,21 +163,43 @@ def main(argv=None) -> int:
             print(f"error: --calib-split train: {e}", file=sys.stderr)
             return 2
         n = min(args.calib_images, len(calib_split))
-        calibration = quant.calibrate(model, variables, spec.normalize(calib_split.images[:n]),
-                                      method=args.calibration,
-                                      progress=_calibration_bar(progress))
-        print(f"calibrated {args.calibration} on {n} {args.calib_split} images in "
-              f"{calibration.seconds:.1f} s")
+        ckpt_dir = _checkpoint_dir(args.checkpoint)
+        calibration = quant.load_or_calibrate(
+            ckpt_dir, model, variables, spec.normalize(calib_split.images[:n]),
+            args.calibration, progress=_calibration_bar(progress),
+            recalibrate=args.recalibrate, log=lambda m: print(m, file=sys.stderr))
+        if calibration.reused:
+            print(f"reused the {args.calibration} calibration on {n} {args.calib_split} images "
+                  f"saved at {calibration.path} ({calibration.created})")
+        else:
+            where = f"saved to {calibration.path}" if calibration.path else "not saved"
+            print(f"calibrated {args.calibration} on {n} {args.calib_split} images in "
+                  f"{calibration.seconds:.1f} s; {where}")
+
+    sensitivity = None
+    if args.sensitivity or args.keep_float:
+        sub = split.take(range(min(args.sensitivity_images, len(split))))
+        sensitivity = evaluate.conv_sensitivity(
+            model, variables, sub, calibration, head=head, batch_size=args.batch_size,
+            progress=progress, input_spec=spec, **int8_options)
+        _print_sensitivity(sensitivity)
+        if args.keep_float:
+            kept = tuple(r["conv"] for r in sensitivity["ranking"][:args.keep_float])
+            int8_options["keep_float"] = kept
+            print(f"int8 keeps {len(kept)} conv(s) float: {', '.join(kept)}")
 
     results = []
     for p in precisions:
-        options = int8_options if get_numerics(p).needs_calibration else {}
+        options = (int8_options if get_numerics(p).needs_calibration else
+                   {"execution": args.execution} if p in ("fp16", "bf16") else {})
         r = evaluate.evaluate_precision(
             model, variables, split, p, head=head, calibration=calibration,
             checkpoint=loaded.name, batch_size=args.batch_size, progress=progress,
             input_spec=spec, **options)
+        if sensitivity is not None and p == "int8":
+            r.extra["sensitivity"] = sensitivity
         results.append(r)
-        print(f"{p}: MIoU {r.miou:.3f} (head {r.head}), Dice {r.dice:.3f}, {r.n_images} images, "
+        print(f"{r.label}: MIoU {r.miou:.3f} (head {r.head}), Dice {r.dice:.3f}, {r.n_images} images, "
               f"{r.seconds:.1f} s", flush=True)
         if not all(map(_finite, r.miou_per_head)) or r.probs is not None and not _all_finite(r.probs):
             print(f"warning: {p} predictions hold NaN or Inf: the checkpoint's weights may be "
@@ -176,10 +223,28 @@ def main(argv=None) -> int:
     if args.save_overlays:
         from unetpp_jax.visualize import save_overlays
 
-        preds = {r.precision: r.probs[r.head - 1] for r in results}
+        preds = {r.label: r.probs[r.head - 1] for r in results}
         paths = save_overlays(args.save_overlays, split.images, split.masks, split.ids, preds)
         print(f"wrote {len(paths)} overlay panels to {args.save_overlays}")
     return 0
+
+
+def _checkpoint_dir(checkpoint):
+    """Where calibrations are saved (``<dir>/calibration/``): the ``--checkpoint`` directory or
+    training workdir (not inside its orbax ``checkpoints/``; a calibration records the weights'
+    fingerprint, so the next best epoch's is never mixed up with it), None for the bundled
+    weights (the user cache)."""
+    return None if checkpoint is None else Path(checkpoint).expanduser()
+
+
+def _print_sensitivity(result: dict) -> None:
+    print(f"\nint8 sensitivity on {result['n_images']} images: fp32 MIoU {result['fp32']:.3f}, "
+          f"all convs int8 {result['int8']:.3f} (drop {result['fp32'] - result['int8']:.3f}); "
+          "each conv quantized alone:")
+    print("| rank | conv | MIoU drop |\n|---|---|---|")
+    for k, r in enumerate(result["ranking"], 1):
+        print(f"| {k} | {r['conv']} | {r['drop']:+.3f} |")
+    print()
 
 
 def _finite(x) -> bool:

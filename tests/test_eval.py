@@ -14,7 +14,8 @@ import pytest
 from experiments import eval as eval_cli
 from unetpp_jax import checkpoint, evaluate, metrics, quant
 from unetpp_jax.data.pipeline import load_split, normalize
-from unetpp_jax.model import UNetPlusPlus, init_variables, model_metadata
+from unetpp_jax.model import UNetPlusPlus, init_variables
+from unetpp_jax.pretrained import model_description as model_metadata
 from unetpp_jax.train import TrainConfig, load_best, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,3 +108,22 @@ def test_errors_are_clear(tmp_path, capsys):
     not_ckpt.mkdir()
     assert eval_cli.main(["--checkpoint", str(not_ckpt), "--no-progress"]) == 2
     assert "weights_port/convert.py" in capsys.readouterr().err
+
+
+def test_eval_json_records_the_calibration_it_created_then_reused(tmp_path, capsys):
+    small = UNetPlusPlus(widths=(8, 16, 32))
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_variables(ckpt, init_variables(small), {"model": model_metadata(small)})
+    args = ["--checkpoint", str(ckpt), "--precision", "int8", "--calibration", "max",
+            "--calib-images", "4", "--execution", "native", "--no-progress"]
+    assert eval_cli.main(args + ["--json", str(tmp_path / "a.json")]) == 0
+    assert eval_cli.main(args + ["--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated max on 4" in out and "reused the max calibration" in out
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["execution"] == "native" and a["options"]["execution"] == "native"
+    ca, cb = a["calibration"], b["calibration"]
+    assert (ca["method"], ca["num_images"], ca["reused"], cb["reused"]) == ("max", 4, False, True)
+    assert ca["path"] == cb["path"] and Path(ca["path"]).parent == ckpt / "calibration"
+    assert ca["created"] == cb["created"] and ca["images_sha256"] == cb["images_sha256"]
+    assert a["miou"] == b["miou"]
