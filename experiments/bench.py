@@ -2,6 +2,7 @@
 
     python -m experiments.bench [--checkpoint DIR] [--data SRC] [--json OUT] [--repeats N]
                                 [--quick] [--no-torch] [--only SECTION ...] [--prune-only]
+                                [--execution {emulated,native,all}]
 
 Prints one table and writes the report as JSON (default ``runs/bench.json``); progress lines go
 to stderr. What each number means is in :mod:`experiments.benchmark`. For numbers worth
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-threads", type=int, help="PyTorch threads (default: one per core)")
     ap.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
                     help=f"run only these sections (repeatable): {', '.join(SECTIONS)}")
+    ap.add_argument("--execution", choices=("emulated", "native", "all"), default="all",
+                    help="precision rows: fp16/bf16/int8 emulated, native (int8 x int8 -> int32, "
+                         "bfloat16 convs), or both (default all); fp32 is always timed beside them")
     ap.add_argument("--prune-only", action="store_true", help="only the JAX prune-level table "
                     "(same as --only inference)")
     args = ap.parse_args(argv)
@@ -81,6 +85,10 @@ def main(argv=None) -> int:
                  "sections": ("inference",) if args.prune_only else
                  tuple(dict.fromkeys(args.only)) if args.only else None}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.execution != "all":
+        native = args.execution == "native"
+        cfg = dataclasses.replace(cfg, precision_rows=tuple(
+            r for r in cfg.precision_rows if r == "fp32" or r.endswith(" native") == native))
 
     log = _progress()
     log("loading the model and the validation split")
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
                 return from_flax(m, v)
 
     report = run_benchmark(model, variables, split, cfg, scored=scored, make_twin=make_twin,
+                           checkpoint_path=args.checkpoint,
                            no_twin_reason=no_twin, log=log,
                            meta={"checkpoint": checkpoint, "data": data, "quick": args.quick,
                                  "command": "python -m experiments.bench "

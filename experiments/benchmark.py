@@ -25,9 +25,12 @@ Sections, each a function returning JSON-ready values, run in this order by
   ``channels_last``, eval mode under ``torch.inference_mode``, same batch and input size,
   in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s, the median
   over rounds that alternate the two (see :func:`pytorch_section`).
-* ``precision`` -- fp16 and int8 emulation (``unetpp_jax.quant``) next to fp32: steady-state
+* ``precision`` -- fp16 / bf16 / int8, emulated and native (``unetpp_jax.numerics``), next to
+  fp32, all timed in the same alternating rounds (:data:`PRECISION_ROWS`): steady-state
   forward at the evaluation batch, the split's forward time derived from it, the ratio to
-  fp32, and the int8 calibration time.
+  fp32 (median of the rounds' ratios, with their spread), and the int8 calibration time.
+  ``extra_rows`` times any other callable in the same rounds (:func:`callable_row`: e.g. an
+  ONNX Runtime session on the same batch).
 * ``train_step`` -- images/s of the real jitted, donated training step (``make_train_step``).
 * ``converter`` -- ``weights_port.convert.convert`` on a UNET-ZOO-format ``.pth`` written from
   the twin (needs PyTorch only to *write* that file).
@@ -60,18 +63,24 @@ from unetpp_jax.numerics import Float32
 from unetpp_jax.timing import Timing, interleaved_timings, round_ratio, time_jitted  # noqa: F401
 
 SECTIONS = ("inference", "ablation", "pytorch", "precision", "train_step", "converter")
+# The precision section's rows: '<precision>' (emulated; fp32 has one execution) or
+# '<precision> native'.
+PRECISION_ROWS = ("fp32", "fp16", "bf16", "int8", "bf16 native", "int8 native")
 
 
 def forward_call(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
                  micro_batch="auto"):
     """``(fn, args)``: the inference forward (probabilities of heads 1..prune_level) as the
-    package runs it -- BatchNorm folded once beforehand (``fold_batchnorm_variables``, as
-    ``evaluate.predict_split`` does) and ``predict_fn``'s default micro-batch."""
-    from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
+    package runs it -- variables prepared once beforehand (BatchNorm folded, native int8
+    kernels quantized: ``numerics.prepare_variables``, as ``evaluate.predict_split`` does),
+    the compiler options of the model's numerics and the default micro-batch
+    (``evaluate.predict_program``)."""
+    from unetpp_jax.evaluate import predict_program
+    from unetpp_jax.numerics import prepare_variables
 
-    f = predict_fn(model, prune_level, micro_batch=micro_batch)
+    f = predict_program(model, prune_level, micro_batch=micro_batch)
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-    return f, (fold_batchnorm_variables(variables), x)
+    return f, (prepare_variables(model.numerics, variables), x)
 
 
 def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_level: int = 4,
@@ -146,6 +155,8 @@ class BenchConfig:
     eval_images: int | None = None  # None: the whole validation split (134 images)
     calib_images: int = 50  # int8 calibration images from the split (the vendor used 50)
     calib_method: str = "kl"
+    precision_rows: tuple[str, ...] = None  # default: PRECISION_ROWS
+    reuse_calibration: bool = True  # int8: a saved calibration (quant.load_or_calibrate)
     train_batch: int = 8
     train_size: int = 96
     converter_repeats: int = 3
@@ -159,6 +170,12 @@ class BenchConfig:
         bad = [lv for lv in self.levels if not 1 <= lv <= 4]
         if bad or not self.levels:
             raise ValueError(f"levels must be in 1..4, got {self.levels}")
+        if self.precision_rows is None:
+            object.__setattr__(self, "precision_rows", PRECISION_ROWS)
+        bad_rows = set(self.precision_rows) - set(PRECISION_ROWS)
+        if bad_rows:
+            raise ValueError(f"unknown precision rows {sorted(bad_rows)}; choose from "
+                             f"{PRECISION_ROWS}")
         if self.size % 16 or self.train_size % 16:
             raise ValueError(f"sizes must be multiples of 16, got {self.size} and {self.train_size}")
 
@@ -174,6 +191,7 @@ class BenchConfig:
 QUICK = BenchConfig(size=32, batches=(1, 2), repeats=2, min_time_s=0.0, warmup=0, rounds=2,
                     eval_batch=4, eval_images=8,
                     calib_images=4, calib_method="max", train_batch=2, train_size=32,
+                    precision_rows=("fp32", "fp16", "int8"), reuse_calibration=False,
                     converter_repeats=1, torch_threads=1)
 
 
@@ -338,41 +356,85 @@ def pytorch_section(torch_model, cfg: BenchConfig, model=None, variables=None, *
             "mode": "eager, eval, inference_mode", "rows": rows}
 
 
-def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConfig, *,
-                      log: Callable[[str], None] = lambda s: None) -> dict:
-    """fp16 and int8 emulation speed next to fp32, plus the int8 calibration time.
+def callable_row(fn: Callable[[np.ndarray], Any], images: np.ndarray,
+                 sync: Callable | None = None) -> tuple:
+    """A row for :func:`interleaved_timings` (and ``precision_section``'s ``extra_rows``) that
+    times ``fn(images)``: any callable -- an ONNX Runtime session, a StableHLO export -- on the
+    same batch. ``sync`` waits for an asynchronous result (``jax.block_until_ready``); None for
+    callables that return when done."""
+    return (lambda: fn(images)), (), sync
 
-    Each precision's forward is timed at ``cfg.eval_batch`` and ``cfg.size``;
-    ``split_forward_s`` is that steady-state time times the batches of the evaluated split,
-    ``time_vs_fp32`` the ratio of steady-state times. int8 is calibrated (``cfg.calib_method``)
-    on the first ``cfg.calib_images`` images of ``images_uint8`` (the validation split, as the
-    vendor did); its ``seconds`` include the calibration passes' compilation.
+
+def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConfig, *,
+                      extra_rows: dict[str, Callable[[np.ndarray], Any]] | None = None,
+                      checkpoint_path=None,
+                      log: Callable[[str], None] = lambda s: None) -> dict:
+    """Every row of ``cfg.precision_rows`` (fp32, fp16/bf16/int8 emulated and native) and
+    ``extra_rows`` timed in the same alternating rounds, plus the int8 calibration time.
+
+    Each row's forward is timed at ``cfg.eval_batch`` and ``cfg.size``; ``split_forward_s`` is
+    that steady-state time times the batches of the evaluated split, ``time_vs_fp32`` the
+    median over rounds of the row's time over fp32's (``_min``/``_max``: the spread of the
+    rounds). int8 is calibrated (``cfg.calib_method``) on the first ``cfg.calib_images`` images
+    of ``images_uint8`` (the validation split, as the vendor did), or, with
+    ``cfg.reuse_calibration``, the one saved for ``checkpoint_path`` (None: the bundled weights)
+    by an earlier run of the benchmark or of ``experiments.eval`` with the same images
+    (``quant.load_or_calibrate``); ``seconds`` are those of the run that computed it, its
+    passes' compilation included. ``extra_rows`` maps a label to a callable taking the
+    normalised float32 NHWC batch (numpy) and returning when done (see :func:`callable_row`).
     """
     from unetpp_jax import quant
     from unetpp_jax.data.pipeline import normalize
-    from unetpp_jax.numerics import EVAL_PRECISIONS, get_numerics
+    from unetpp_jax.numerics import get_numerics
 
     n_images = len(images_uint8)
     n_batches = math.ceil(n_images / cfg.eval_batch)
-    calib = quant.calibrate(model, variables, normalize(images_uint8[:cfg.calib_images]),
-                            cfg.calib_method, batch_size=cfg.eval_batch)
-    log(f"int8 calibration ({cfg.calib_method}, {calib.num_images} images): {calib.seconds:.1f} s")
+    calib = None
+    calls, labels = {}, {}
+    for label in ("fp32", *[r for r in cfg.precision_rows if r != "fp32"]):
+        precision, _, execution = label.partition(" ")
+        options = {"execution": execution or "emulated"} if precision != "fp32" else {}
+        numerics = get_numerics(precision, **options)
+        qvars = variables
+        if numerics.needs_calibration:
+            if calib is None:
+                calib_images = normalize(images_uint8[:cfg.calib_images])
+                if cfg.reuse_calibration:
+                    calib = quant.load_or_calibrate(checkpoint_path, model, variables,
+                                                    calib_images, cfg.calib_method,
+                                                    batch_size=cfg.eval_batch, log=log)
+                else:
+                    calib = quant.calibrate(model, variables, calib_images, cfg.calib_method,
+                                            batch_size=cfg.eval_batch)
+                log(f"int8 calibration ({cfg.calib_method}, {calib.num_images} images): "
+                    f"{calib.seconds:.1f} s" + (f", reused from {calib.path}" if calib.reused
+                                                else ""))
+            qvars = calib.attach(variables)
+        f, args = forward_call(model.clone(numerics=numerics), qvars, cfg.eval_batch, cfg.size)
+        calls[label] = (f, args, jax.block_until_ready)
+        labels[label] = (precision, options.get("execution", "native"))
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0),
+                                     (cfg.eval_batch, cfg.size, cfg.size, 3), jnp.float32))
+    for label, fn in (extra_rows or {}).items():
+        calls[label] = callable_row(fn, x)
+        labels[label] = (label, "external")
+    timings, per_round = interleaved_timings(calls, rounds=cfg.rounds, repeats=cfg.repeats,
+                                             warmup=cfg.warmup, min_time=cfg.min_time_s)
     rows = []
-    for precision in EVAL_PRECISIONS:
-        numerics = get_numerics(precision)
-        qmodel = model.clone(numerics=numerics)
-        qvars = calib.attach(variables) if numerics.needs_calibration else variables
-        t = forward_timing(qmodel, qvars, batch=cfg.eval_batch, size=cfg.size,
-                           repeats=cfg.repeats, warmup=cfg.warmup, min_time=cfg.min_time_s)
-        row = {"precision": precision, **t.to_json(cfg.eval_batch),
-               "split_forward_s": t.median_s * n_batches}
+    for label, t in timings.items():
+        ratio, lo, hi = round_ratio(per_round, label, "fp32")
+        precision, execution = labels[label]
+        row = {"precision": precision, "execution": execution, "label": label,
+               **t.to_json(cfg.eval_batch), "split_forward_s": t.median_s * n_batches,
+               "time_vs_fp32": ratio, "time_vs_fp32_min": lo, "time_vs_fp32_max": hi,
+               "rounds": len(per_round)}
         rows.append(row)
-        log(f"{precision} forward batch {cfg.eval_batch}: {row['images_per_s']:.2f} img/s")
-    for row in rows:
-        row["time_vs_fp32"] = row["median_s"] / rows[0]["median_s"]
+        log(f"{label} forward batch {cfg.eval_batch}: {row['images_per_s']:.2f} img/s, "
+            f"x{ratio:.2f} fp32 time ({lo:.2f}-{hi:.2f} over {len(per_round)} rounds)")
     return {"n_images": n_images, "eval_batch": cfg.eval_batch,
-            "calibration": {"method": calib.method, "num_images": calib.num_images,
-                            "seconds": calib.seconds},
+            "calibration": None if calib is None else
+            {"method": calib.method, "num_images": calib.num_images, "seconds": calib.seconds,
+             "path": calib.path, "reused": calib.reused},
             "rows": rows}
 
 
@@ -441,6 +503,8 @@ def converter_section(torch_model, cfg: BenchConfig, *,
 
 def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
                   make_twin: Callable[[Any, dict], Any] | None = None,
+                  extra_rows: dict[str, Callable[[np.ndarray], Any]] | None = None,
+                  checkpoint_path=None,
                   no_twin_reason: str = "PyTorch is not installed (the twin needs torch)",
                   log: Callable[[str], None] = lambda s: None, meta: dict | None = None) -> dict:
     """Run the sections of ``cfg`` and return the report (a JSON-ready dict).
@@ -453,6 +517,10 @@ def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
       make_twin: ``(model, variables) -> torch.nn.Module`` holding the same weights, or None
         when PyTorch is not installed or not wanted (the PyTorch and converter sections are
         then skipped, giving ``no_twin_reason``).
+      extra_rows: more rows of the precision section (label -> callable on the normalised
+        batch), timed in its rounds (:func:`precision_section`).
+      checkpoint_path: the checkpoint directory whose saved int8 calibration the precision
+        section reuses (None: the bundled weights' or a fresh model's, in the user cache).
       log: progress callback, one line per measurement.
       meta: extra entries for ``report['meta']`` (checkpoint, data, command line).
     """
@@ -495,7 +563,9 @@ def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
         report["pytorch"] = pytorch_section(twin, cfg, model, variables, log=log)
         done("pytorch")
     if "precision" in cfg.sections:
-        report["precision"] = precision_section(model, variables, split.images, cfg, log=log)
+        report["precision"] = precision_section(model, variables, split.images, cfg,
+                                                extra_rows=extra_rows,
+                                                checkpoint_path=checkpoint_path, log=log)
         done("precision")
     if "train_step" in cfg.sections:
         report["train_step"] = train_step_section(cfg, log=log)
@@ -563,13 +633,16 @@ def format_table(report: dict) -> str:
     pr = report.get("precision")
     if pr:
         for r in pr["rows"]:
-            note = (f"x{r['time_vs_fp32']:.2f} fp32 time; {pr['n_images']} images "
-                    f"{r['split_forward_s']:.2f} s")
-            if r["precision"] == "int8":
+            note = (f"x{r['time_vs_fp32']:.2f} fp32 time ({r['time_vs_fp32_min']:.2f}-"
+                    f"{r['time_vs_fp32_max']:.2f}, {r['rounds']} rounds); {pr['n_images']} "
+                    f"images {r['split_forward_s']:.2f} s")
+            if r["precision"] == "int8" and pr["calibration"]:
                 c = pr["calibration"]
-                note += f"; calib {c['method']} {c['num_images']} img {c['seconds']:.1f} s"
-            lines.append(line(f"eval forward {r['precision']} (emulated)" if r["precision"] != "fp32"
-                              else "eval forward fp32", r["batch"], r["images_per_s"],
+                note += (f"; calib {c['method']} {c['num_images']} img {c['seconds']:.1f} s"
+                         + (" (saved, reused)" if c.get("reused") else ""))
+            what = (r["label"] if r["execution"] in ("native", "external") or r["label"] == "fp32"
+                    else f"{r['label']} (emulated)")
+            lines.append(line(f"eval forward {what}", r["batch"], r["images_per_s"],
                               r["latency_ms"], r["compile_s"], note=note))
     ts = report.get("train_step")
     if ts:
