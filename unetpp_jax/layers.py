@@ -225,3 +225,25 @@ def conv_head(module: nn.Module, x: Array, features: int, *, name: str, numerics
     out = conv2d(x, kernel, bias) if train else numerics.conv(module, name, x, kernel, bias,
                                                               ROLE_HEAD)
     return out.astype(jnp.float32)
+
+
+def max_pool3x3_stride2(x: Array) -> Array:
+    """3x3 max-pool, stride 2, padding 1 (``nn.MaxPool2d(3, 2, 1)``: torchvision ResNet's stem).
+    The padding is -inf, as PyTorch's: a padded position never wins."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def conv_plain(module: nn.Module, x: ConvInput, features: int, *, name: str, numerics,
+               role: str, train: bool, kernel_size: int = 1, stride: int = 1,
+               padding: int | None = None, use_bias: bool = True) -> Array:
+    """A conv *not* followed by BatchNorm (``nn.Conv2d(..., bias=use_bias)``), named ``name`` in
+    ``module``'s scope, PyTorch's default init. Training: plain float32 conv; inference: through
+    ``numerics`` with ``role`` (a conv without bias gets a zero bias there). No activation; the
+    output dtype is whatever ``numerics`` returns (cast heads to float32 yourself)."""
+    in_features = sum(p.shape[-1] for p in input_parts(x))
+    kernel, bias = Conv(features, kernel_size, use_bias, name=name).weights(in_features)
+    if train:
+        return conv2d(x, kernel, bias, stride=stride, padding=padding)
+    if bias is None:
+        bias = jnp.zeros((features,), kernel.dtype)
+    return numerics.conv(module, name, x, kernel, bias, role, stride=stride, padding=padding)

@@ -28,6 +28,7 @@ from unetpp_jax.data.normalization import InputSpec
 # name -> "module:class" (imported on use, so an architecture costs nothing until it is used)
 ARCHITECTURES = {
     "UNetPlusPlus": "unetpp_jax.model:UNetPlusPlus",
+    "SMPUnetPlusPlus": "unetpp_jax.smp_unetplusplus:SMPUnetPlusPlus",  # segmentation_models_pytorch
 }
 BUNDLED_NAME = "unetpp_dsb2018_96"
 _NOT_SETTINGS = ("parent", "name", "numerics")
@@ -190,6 +191,9 @@ def load_checkpoint(path=None, numerics: Any = None) -> Pretrained:
     if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         raise ValueError(f"{p} is a PyTorch checkpoint: convert it first with "
                          f"python weights_port/convert.py {p}")
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        raise ValueError(f"{p} is a segmentation_models_pytorch save_pretrained folder: convert "
+                         f"it first with python weights_port/convert.py {p}")
     raise ValueError(
         f"{p} is neither a unetpp-jax checkpoint (metadata.json + variables/) nor a training "
         "workdir (config.json + checkpoints/); a PyTorch .pth must first be converted with "

@@ -15,10 +15,19 @@ Adding an encoder: a file in this package with such a function, and a line in ``
 
 from __future__ import annotations
 
-from unetpp_jax.encoders import vgg
+import functools
+
+from unetpp_jax.encoders import resnet, vgg
 
 ENCODERS = {
     "vgg": vgg.vgg_encoder,  # UNET-ZOO / pytorch-nested-unet: a column of VGG blocks, 2x2 max-pool
+    # torchvision ResNets (segmentation_models_pytorch's resnet* encoders); features[0] is the
+    # input itself, as in smp
+    "resnet18": functools.partial(resnet.resnet_encoder, arch="resnet18"),
+    "resnet34": functools.partial(resnet.resnet_encoder, arch="resnet34"),
+    "resnet50": functools.partial(resnet.resnet_encoder, arch="resnet50"),
+    "resnet101": functools.partial(resnet.resnet_encoder, arch="resnet101"),
+    "resnet152": functools.partial(resnet.resnet_encoder, arch="resnet152"),
 }
 
 
