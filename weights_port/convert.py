@@ -1,7 +1,10 @@
-"""Convert a PyTorch UNet++ checkpoint (UNET-ZOO or pytorch-nested-unet) into a unetpp-jax checkpoint.
+"""Convert a PyTorch UNet++ checkpoint (UNET-ZOO, pytorch-nested-unet or segmentation_models_pytorch)
+into a unetpp-jax checkpoint.
 
     python weights_port/convert.py unet++_8_dsb2018Cell_21.pth [-o OUT] [--force]
     python weights_port/convert.py models/dsb2018_96_NestedUNet_woDS/model.pth   # reads config.yml
+    python weights_port/convert.py smp_unetpp.pth          # smp UnetPlusPlus state_dict
+    python weights_port/convert.py smp_folder/             # smp save_pretrained: config.json + model.safetensors
 
 writes ``unet++_8_dsb2018Cell_21_flax/`` next to the input (see :mod:`unetpp_jax.checkpoint`);
 load it with ``model, variables = unetpp_jax.model.load_pretrained(OUT)``.
@@ -13,6 +16,13 @@ checkpoints that wrap one. When pytorch-nested-unet's ``config.yml`` lies beside
 from it (``arch``, ``deep_supervision``, ``num_classes``, ``input_channels``, ``input_h``/``input_w``).
 The input normalisation each source trained with is recorded under ``"input"`` in
 ``metadata.json`` (see :func:`input_spec`).
+
+segmentation_models_pytorch's ``UnetPlusPlus`` (ResNet encoders; keys ``encoder.layer1.0.conv1.weight``,
+``decoder.blocks.x_0_0.conv1.0.weight``, ``segmentation_head.0.weight``) becomes
+``unetpp_jax.smp_unetplusplus.SMPUnetPlusPlus``: from a state_dict ``.pth`` (settings read from the
+tensors, or from ``--config config.json``), a ``save_pretrained`` folder or a ``.safetensors`` file
+(settings from the ``config.json`` in the folder or beside the file; see
+:mod:`weights_port.smp_files`).
 
 PyTorch is not needed and never imported: :mod:`weights_port.torch_format` reads both file
 formats with a restricted unpickler, :mod:`weights_port.keymap` maps and checks the keys.
@@ -40,10 +50,12 @@ if __name__ == "__main__" and not __package__:  # run as a script path: import t
 from unetpp_jax import __version__, checkpoint  # noqa: E402
 from unetpp_jax.counting import count_params  # noqa: E402
 from unetpp_jax.pretrained import model_description  # noqa: E402
-from weights_port import keymap, torch_format  # noqa: E402
+from unetpp_jax.data.normalization import IMAGENET_RGB_INPUT  # noqa: E402
+from weights_port import keymap, smp_files, torch_format  # noqa: E402
 from weights_port.torch_format import CheckpointFormatError, printable, safe_line  # noqa: E402
 
-FORMAT_NAMES = {"zip": "zip, PyTorch >= 1.6", "legacy": "legacy pickle, PyTorch < 1.6"}
+FORMAT_NAMES = {"zip": "zip, PyTorch >= 1.6", "legacy": "legacy pickle, PyTorch < 1.6",
+                "safetensors": "safetensors"}
 CONFIG_NAME = "config.yml"  # pytorch-nested-unet's train.py: models/<name>/config.yml
 MAX_CONFIG_BYTES = 1 << 20
 NESTED_UNET_ARCHS = {"NestedUNet": "nested", "UNet": "unet"}
@@ -57,13 +69,20 @@ class ConfigError(ValueError):
     """``config.yml`` is unreadable or has a field of the wrong type (one line, naming both)."""
 
 
+# smp config.json fields recorded in metadata.json (the constructor's arguments)
+SMP_CONFIG_RECORDED = ("_model_class", "encoder_name", "encoder_depth", "encoder_weights",
+                       "decoder_channels", "decoder_attention_type", "decoder_use_norm",
+                       "decoder_use_batchnorm", "decoder_interpolation", "in_channels", "classes",
+                       "activation", "aux_params")
+
+
 def default_output(src: str | Path) -> Path:
     """``dir/name.pth`` -> ``dir/name_flax`` (next to the input, named after it)."""
     src = Path(src)
     return src.with_name(src.stem + "_flax") if src.suffix else src.with_name(src.name + "_flax")
 
 
-def input_spec(style: str, size: tuple[int, int] | None = None) -> dict:
+def input_spec(style: str, size: tuple[int, int] | None = None, in_channels: int = 3) -> dict:
     """The input normalisation the source trained with, as ``metadata.json``'s ``"input"``:
     ``x = (pixel / 255 - mean[c]) / std[c]`` per channel, channels in ``channel_order``.
 
@@ -72,8 +91,19 @@ def input_spec(style: str, size: tuple[int, int] | None = None) -> dict:
       -- ``(pixel - 255 m) / (255 s)`` with ImageNet m, s in array order, so applied to B, G, R
       as if they were R, G, B -- then ``/ 255`` once more. ``((p/255 - m)/s)/255 = (p/255 - m)/(255 s)``:
       the second division is folded into ``std`` exactly (values end up in about [-0.008, 0.010]).
+    * segmentation_models_pytorch (ResNet encoders): RGB, ``x/255``, ImageNet mean/std
+      (``smp.encoders.get_preprocessing_params``: the statistics the encoder was pretrained
+      with); smp fixes none for inputs other than 3 channels (``x/255`` recorded, with a note).
     """
-    if style == "pytorch-nested-unet":
+    if style == keymap.SMP_STYLE and in_channels == 3:
+        spec = {**IMAGENET_RGB_INPUT.to_json(),
+                "note": "segmentation_models_pytorch ResNet encoders: RGB, x/255, ImageNet "
+                        "mean/std (smp.encoders.get_preprocessing_params)"}
+    elif style == keymap.SMP_STYLE:
+        spec = {"channel_order": "RGB", "mean": [0.0] * in_channels, "std": [1.0] * in_channels,
+                "note": f"segmentation_models_pytorch with in_channels={in_channels}: smp fixes no "
+                        "normalisation for it; x/255 recorded, set the one the model was trained with"}
+    elif style == "pytorch-nested-unet":
         spec = {"channel_order": "BGR", "mean": list(IMAGENET_MEAN),
                 "std": [round(255 * s, 6) for s in IMAGENET_STD],
                 "note": "albumentations Normalize() (ImageNet mean/std in B,G,R array order) then "
@@ -179,14 +209,17 @@ class Result:
 def convert(src: str | Path, out: str | Path | None = None, *, force: bool = False,
             allow_nonfinite: bool = False, config: str | Path | None = None,
             use_config: bool = True) -> Result:
-    """Read ``src``, map it onto ``UNetPlusPlus`` variables and save them (atomically) to ``out``.
+    """Read ``src``, map it onto ``UNetPlusPlus`` (or, for segmentation_models_pytorch's
+    UnetPlusPlus, ``SMPUnetPlusPlus``) variables and save them (atomically) to ``out``.
 
-    ``config`` names a pytorch-nested-unet ``config.yml``; by default one lying beside ``src``
-    is used for pytorch-nested-unet-style keys (``use_config=False`` ignores it).
+    ``src``: a ``.pth`` (zip or legacy), an smp ``save_pretrained`` folder or a ``.safetensors``
+    file. ``config`` names a pytorch-nested-unet ``config.yml`` or smp's ``config.json``; by
+    default the one lying beside ``src`` is used for pytorch-nested-unet-style keys, and the one
+    in the folder (or beside the ``.safetensors``) for smp (``use_config=False`` ignores it).
 
     Raises ``torch_format.CheckpointFormatError`` (unreadable or refused file),
     ``keymap.KeyMapError`` (checkpoint and model disagree), ``keymap.NonFiniteError`` (NaN/Inf
-    weights without ``allow_nonfinite``), :class:`ConfigError`, or
+    weights without ``allow_nonfinite``), :class:`ConfigError` / ``smp_files.ConfigError``, or
     ``checkpoint.CheckpointExistsError`` (``out`` exists and ``force`` is false, or holds other
     files); in each case nothing is written.
     """
@@ -194,17 +227,39 @@ def convert(src: str | Path, out: str | Path | None = None, *, force: bool = Fal
     src = Path(src)
     out = default_output(src) if out is None else Path(out)
     checkpoint.ensure_writable(out, force)  # fail before the work, not after
-    loaded = torch_format.load(src)
+    beside_json = None  # smp's config.json, for a save_pretrained folder or .safetensors file
+    if src.is_dir():
+        if not smp_files.is_smp_folder(src):
+            raise CheckpointFormatError(
+                f"{printable(str(src))}: is a directory, not a checkpoint file (nor a "
+                f"segmentation_models_pytorch save_pretrained folder with {smp_files.WEIGHTS_NAME})")
+        sd_np, sha, size = smp_files.load_safetensors(src / smp_files.WEIGHTS_NAME)
+        loaded = torch_format.TorchCheckpoint(sd_np, "safetensors", sha, size)
+        beside_json = src / smp_files.CONFIG_NAME
+    elif src.suffix == ".safetensors":
+        sd_np, sha, size = smp_files.load_safetensors(src)
+        loaded = torch_format.TorchCheckpoint(sd_np, "safetensors", sha, size)
+        beside_json = src.parent / smp_files.CONFIG_NAME
+    else:
+        loaded = torch_format.load(src)
     t1 = time.perf_counter()
     sd, _ = keymap.extract_state_dict(loaded.obj)
     style = keymap.detect_style(sd) or "unet-zoo"
-    config_path = Path(config) if config is not None else src.parent / CONFIG_NAME
-    settings = None
-    if config is not None or (use_config and style == "pytorch-nested-unet"
-                              and config_path.is_file()):
-        settings = read_config(config_path)
+    settings, raw_config = None, None
+    if style == keymap.SMP_STYLE:
+        config_path = Path(config) if config is not None else beside_json
+        if config is not None or (use_config and config_path is not None
+                                  and config_path.is_file()):
+            settings, raw_config = smp_files.read_config(config_path)
+        else:
+            config_path = None
     else:
-        config_path = None
+        config_path = Path(config) if config is not None else src.parent / CONFIG_NAME
+        if config is not None or (use_config and style == "pytorch-nested-unet"
+                                  and config_path.is_file()):
+            settings = read_config(config_path)
+        else:
+            config_path = None
     model_settings = {k: v for k, v in (settings or {}).items() if k not in ("arch", "size")}
     try:
         conv = keymap.convert_state_dict(loaded.obj, settings=model_settings,
@@ -220,14 +275,21 @@ def convert(src: str | Path, out: str | Path | None = None, *, force: bool = Fal
     t2 = time.perf_counter()
     model = conv.model
     in_channels = int(conv.settings["in_channels"])
-    arch = (settings or {}).get("arch") or ("UNet" if conv.settings.get("skips") == "unet"
-                                            else "NestedUNet")
-    spec = input_spec(conv.style, (settings or {}).get("size"))
+    if conv.style == keymap.SMP_STYLE:
+        arch = f"UnetPlusPlus(encoder_name={model.encoder!r})"
+        conv.notes.extend(smp_files.config_notes(raw_config or {}))
+    else:
+        arch = (settings or {}).get("arch") or ("UNet" if conv.settings.get("skips") == "unet"
+                                                else "NestedUNet")
+    spec = input_spec(conv.style, (settings or {}).get("size"), in_channels)
     params, stats = conv.variables["params"], conv.variables["batch_stats"]
     source = {"file": src.name, "sha256": loaded.sha256, "size_bytes": loaded.size_bytes,
               "format": loaded.format, "layout": conv.style,
               "origin": keymap.ORIGINS[conv.style].format(arch=arch)}
-    if config_path is not None:
+    if raw_config is not None:
+        source["config"] = {"file": config_path.name, **{
+            k: v for k, v in raw_config.items() if k in SMP_CONFIG_RECORDED}}
+    elif config_path is not None:
         source["config"] = {"file": config_path.name, **{
             k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
     metadata = {
@@ -256,11 +318,23 @@ def convert(src: str | Path, out: str | Path | None = None, *, force: bool = Fal
 def summary(r: Result, since_start: float | None = None) -> str:
     """The one-screen report printed by the command line (file-derived names escaped)."""
     c = r.conversion
-    if c.model.deep_supervision:
+    smp = c.style == keymap.SMP_STYLE
+    if smp:
+        heads = "segmentation_head (single head, logits)"
+    elif c.model.deep_supervision:
         heads = f"final1..final{len(c.model.widths) - 1} (deep supervision)"
     else:
         heads = "final (single head)"
     skips = c.settings.get("skips", "nested")
+    if smp:
+        m = c.model
+        layout = (f"{c.style} (encoder {m.encoder}, depth {m.encoder_depth}, decoder_channels "
+                  f"{tuple(m.decoder_channels)}, attention {m.decoder_attention_type}, decoder "
+                  f"{'BatchNorm' if m.decoder_use_batchnorm else 'no norm'})")
+        dropped = f"{len(c.dropped)} dropped (num_batches_tracked, unused parts: see notes)"
+    else:
+        layout = f"{c.style} ({'plain U-Net skips' if skips == 'unet' else 'nested skips'})"
+        dropped = f"{len(c.dropped)} num_batches_tracked dropped"
     casts = (", ".join(f"{dt} -> float32 for {n} tensors" for dt, n in sorted(c.dtype_casts.items()))
              or "all float32, no casts")
     s = r.seconds
@@ -274,10 +348,9 @@ def summary(r: Result, since_start: float | None = None) -> str:
         f"converted  {printable(str(r.source))}",
         f"  format     {FORMAT_NAMES[r.source_format]}; {r.size_bytes / 1e6:.1f} MB; "
         f"sha256 {r.sha256[:16]}...",
-        f"  layout     {c.style} ({'plain U-Net skips' if skips == 'unet' else 'nested skips'})"
+        f"  layout     {layout}"
         + (f"; settings from {printable(str(r.config))}" if r.config else ""),
-        f"  keys       {c.mapped} mapped onto params/batch_stats, "
-        f"{len(c.dropped)} num_batches_tracked dropped",
+        f"  keys       {c.mapped} mapped onto params/batch_stats, {dropped}",
         *[f"  note       {safe_line(n)}" for n in c.notes],
         f"  heads      {heads}; {c.model.num_classes} class(es)",
         f"  params     {r.param_count:,} (+ {r.stat_count:,} BatchNorm running statistics)",
@@ -301,9 +374,12 @@ def _write_error(out: Path | None, exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="convert.py", description="Convert a UNET-ZOO or pytorch-nested-unet PyTorch "
-        "checkpoint (zip or legacy format) into a unetpp-jax checkpoint directory, without PyTorch.")
-    parser.add_argument("checkpoint", help="the .pth file (a state_dict, possibly wrapped)")
+        prog="convert.py", description="Convert a UNET-ZOO, pytorch-nested-unet or "
+        "segmentation_models_pytorch UnetPlusPlus PyTorch checkpoint (zip or legacy .pth, or an "
+        "smp save_pretrained folder / .safetensors) into a unetpp-jax checkpoint directory, "
+        "without PyTorch.")
+    parser.add_argument("checkpoint", help="the .pth file (a state_dict, possibly wrapped), or an "
+                        "smp save_pretrained folder (config.json + model.safetensors)")
     parser.add_argument("-o", "--output", help="output directory (default: next to the input, "
                         "named after it with _flax)")
     parser.add_argument("--force", action="store_true",
@@ -311,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="convert even if some weights are NaN or infinite")
     parser.add_argument("--config", help="pytorch-nested-unet config.yml (default: the one beside "
-                        "the checkpoint, if any)")
+                        "the checkpoint, if any), or smp's config.json (default: the one in the "
+                        "save_pretrained folder / beside the .safetensors)")
     parser.add_argument("--no-config", action="store_true",
                         help="ignore a config.yml beside the checkpoint; infer settings from the keys")
     args = parser.parse_args(argv)
@@ -333,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except keymap.NonFiniteError as exc:
         return fail(f"{src}: {exc}; nothing was written")
-    except (CheckpointFormatError, ConfigError, checkpoint.CheckpointExistsError) as exc:
+    except (CheckpointFormatError, ConfigError, smp_files.ConfigError,
+            checkpoint.CheckpointExistsError) as exc:
         return fail(str(exc))
     except OSError as exc:  # an unwritable output directory, a full disk
         return fail(_write_error(out, exc))
