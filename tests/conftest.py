@@ -30,3 +30,52 @@ def bundled():
     from unetpp_jax.pretrained import load_checkpoint
 
     return load_checkpoint()
+
+
+# Operators that torchvision's import declares fake (meta) kernels for with
+# torch.library.register_fake, which needs each operator to exist already. Its compiled extension
+# (torchvision._C) normally defines them; a torchvision wheel built for another torch variant
+# (the CUDA wheels beside the project's CPU torch 2.13.0) cannot load its extension, so its
+# import fails with "operator torchvision::nms does not exist". Declaring the schemas (exactly
+# torchvision's own) lets it import; the operators then have no kernel, and nothing smp's
+# UnetPlusPlus runs calls them.
+TORCHVISION_SCHEMAS = {
+    "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+
+
+def _import_torchvision(torch):
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module("torchvision"), []
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # the half-imported package
+    declared = []
+    for op, schema in TORCHVISION_SCHEMAS.items():
+        try:
+            getattr(torch.ops.torchvision, op)
+        except (AttributeError, RuntimeError):
+            torch.library.define(f"torchvision::{op}", schema)
+            declared.append(op)
+    return importlib.import_module("torchvision"), declared
+
+
+@pytest.fixture(scope="session")
+def smp(torch):
+    """``segmentation_models_pytorch`` (the test extra), or a skip saying it is not installed.
+
+    torchvision is imported first; where its compiled extension does not match the installed
+    torch, the operator schemas its import needs are declared (:data:`TORCHVISION_SCHEMAS`).
+    Models are always built with ``encoder_weights=None``: nothing is downloaded."""
+    try:
+        _import_torchvision(torch)
+    except ImportError:
+        pytest.skip("torchvision (the test extra) is not installed")
+    return pytest.importorskip("segmentation_models_pytorch",
+                               reason="segmentation_models_pytorch (the test extra) is not installed")
