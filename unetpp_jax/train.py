@@ -54,6 +54,7 @@ from unetpp_jax.data import pipeline
 from unetpp_jax.evaluate import HeadScores, predict_split
 from unetpp_jax.data.normalization import UNETZOO_INPUT
 from unetpp_jax.files import write_bytes_atomic
+from unetpp_jax.losses import multiclass_loss
 from unetpp_jax.model import WIDTHS, UNetPlusPlus, init_variables
 
 
@@ -86,7 +87,7 @@ class TrainConfig:
     final_learning_rate: float = 1e-5  # end of the cosine
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    bce_weight: float = 1.0
+    bce_weight: float = 1.0  # the cross-entropy term: sigmoid BCE (1 class) or softmax CE (several)
     dice_weight: float = 0.0
     shuffle: bool = False  # False = UNET-ZOO's fixed split order
     augment: bool = False  # random flips / rot90
@@ -236,7 +237,12 @@ def make_train_step(model: UNetPlusPlus, cfg: TrainConfig, mesh: Mesh):
         def loss_fn(params):
             logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                           batch["image"], train=True, mutable=["batch_stats"])
-            loss = deep_supervision_loss(logits, batch["mask"], cfg.bce_weight, cfg.dice_weight)
+            if "label" in batch:  # class-index masks: softmax cross-entropy + soft Dice per head
+                loss = multiclass_loss(logits, batch["label"], ce_weight=cfg.bce_weight,
+                                       dice_weight=cfg.dice_weight)
+            else:
+                loss = deep_supervision_loss(logits, batch["mask"], cfg.bce_weight,
+                                             cfg.dice_weight)
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -318,8 +324,11 @@ def process_batches(split: pipeline.Split, batch_size: int, *, seed: int = 0, ep
         images, masks = split.images[idx], split.masks[idx]
         if transforms is not None:
             images, masks = pipeline.augment_examples(images, masks, transforms[lo:lo + per])
-        yield {"image": pipeline.normalize(images),
-               "mask": (masks.astype(np.float32) / np.float32(255))[..., None]}
+        if getattr(split, "num_classes", None):  # a ClassSplit: class indices
+            yield {"image": pipeline.normalize(images), "label": masks.astype(np.int32)}
+        else:
+            yield {"image": pipeline.normalize(images),
+                   "mask": (masks.astype(np.float32) / np.float32(255))[..., None]}
 
 
 def replicate(tree, mesh: Mesh):
@@ -346,6 +355,8 @@ def score_split(model, variables, split: pipeline.Split, *, batch_size: int = 16
     and averaged in split order, so the number equals ``evaluate.evaluate_split`` on one
     process (inference treats images independently).
     """
+    if getattr(split, "num_classes", None):
+        return score_classes(model, local_copy(variables), split, batch_size=batch_size)
     n_proc, pid = jax.process_count(), jax.process_index()
     n = len(split)
     if n < n_proc:
@@ -367,6 +378,33 @@ def score_split(model, variables, split: pipeline.Split, *, batch_size: int = 16
         scores = np.concatenate(list(gathered), axis=-1)[..., :n]
     return HeadScores([100.0 * float(v.mean()) for v in scores[0]],
                       [100.0 * float(v.mean()) for v in scores[1]])
+
+
+def score_classes(model, variables, split, *, batch_size: int = 16) -> HeadScores:
+    """Validation of a multi-class model on a ``ClassSplit``: per head, the mean of the per-class
+    IoUs from one confusion matrix pooled over all pixels (``metrics.class_metrics``) in the
+    ``miou`` slot and the pixel accuracy in the ``dice`` slot, x100. Every process scores the
+    whole split (the class metric pools pixels, so it is not an average of per-image scores)."""
+    from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
+
+    f = predict_fn(model)
+    folded = fold_batchnorm_variables(variables)
+    n, heads = len(split), []
+    for start in range(0, n, batch_size):
+        chunk = split.images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        out = f(folded, pipeline.normalize(chunk))
+        out = out if isinstance(out, tuple) else (out,)
+        heads.append([np.argmax(np.asarray(h)[:batch_size - pad], axis=-1) for h in out])
+    mious, accs = [], []
+    for k in range(len(heads[0])):
+        pred = np.concatenate([b[k] for b in heads])
+        m = metrics.class_metrics(pred, split.masks, split.num_classes)
+        mious.append(100.0 * m["miou_classes"])
+        accs.append(100.0 * m["pixel_accuracy"])
+    return HeadScores(mious, accs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,6 +710,10 @@ def _train_locked(cfg, workdir: Path, train_split, val_split, *, progress, stop_
             say(f"resume: {note}", flush=True)
     _barrier("unetpp_train_repaired")
 
+    data_classes = getattr(train_split, "num_classes", None) or 1
+    if data_classes != cfg.num_classes:
+        raise ValueError(f"the data has {data_classes} class(es) and the config trains "
+                         f"num_classes={cfg.num_classes}; pass --set num_classes={data_classes}")
     if cfg.train_limit:
         train_split = train_split.take(range(min(cfg.train_limit, len(train_split))))
     if cfg.val_limit:

@@ -5,7 +5,7 @@ import importlib
 
 from unetpp_jax.train import TrainConfig
 
-NAMES = ("unetzoo", "strong", "tiny")
+NAMES = ("unetzoo", "strong", "tiny", "dsb3class")
 
 
 def get_config(name: str) -> TrainConfig:

@@ -8,8 +8,8 @@ validation and export, 36 epochs.
     python -m experiments.train --config strong --data ../shared/data/dsb2018/stage1_train --workdir runs/strong
 
 Result: best epoch 32 of 36 (run stopped after epoch 33): validation MIoU 84.191 (head 4), fp16
-84.184, int8-KL 84.157 (84.150 before commit d759bc4 reordered float32 sums); these are the
-bundled weights (README, "Training").
+84.184, int8-KL 84.155 (docs/evaluation.md says why that row moved by thousandths); these are
+the bundled weights (docs/training.md).
 """
 
 from unetpp_jax.train import TrainConfig

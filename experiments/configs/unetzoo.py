@@ -1,13 +1,13 @@
-"""UNET-ZOO's recipe (REFERENCE §5), reproduced in JAX.
+"""UNET-ZOO's recipe, reproduced in JAX.
 
 Adam 1e-3 (betas 0.9/0.999, eps 1e-8, no weight decay, no schedule), loss = mean over the four
 heads of BCE against the soft mask, 21 epochs, the split's fixed unshuffled order, no
 augmentation, best-validation-MIoU checkpoint kept. Batch 8 instead of UNET-ZOO's default 1,
-whose one-image BatchNorm statistics leave eval-mode MIoU near 0.09 (REFERENCE §5).
+whose one-image BatchNorm statistics leave eval-mode MIoU near 0.09.
 
     python -m experiments.train --config unetzoo --data ../shared/data/dsb2018/stage1_train --workdir runs/unetzoo
 
-Result: not yet run to the end on this machine (see README, "Training").
+Result: not yet run to the end on this machine (docs/training.md).
 """
 
 from unetpp_jax.train import TrainConfig
