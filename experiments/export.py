@@ -78,9 +78,14 @@ def _calibrate(args, loaded, log):
     images = loaded.input_spec.normalize(split.images[:n])
     log(f"calibrating int8 ({args.calibration}, {n} validation images; about a minute per "
         "pass on a small CPU)")
-    if hasattr(quant, "load_or_calibrate") and args.checkpoint_path is not None:
+    if hasattr(quant, "load_or_calibrate"):  # reuses (and saves) the checkpoint's calibration
         calib = quant.load_or_calibrate(args.checkpoint_path, loaded.model, loaded.variables,
-                                        images, args.calibration)
+                                        images, args.calibration,
+                                        progress=_calibration_bar(log),
+                                        recalibrate=args.recalibrate, log=log)
+        if getattr(calib, "reused", False):
+            log(f"reusing the saved calibration {getattr(calib, 'path', '')}")
+            return calib
     else:
         calib = quant.calibrate(loaded.model, loaded.variables, images, method=args.calibration,
                                 progress=_calibration_bar(log))
@@ -229,6 +234,8 @@ def main(argv=None) -> int:
                          "(default 50)")
     ap.add_argument("--calib-data", help="int8 calibration data (load_split source; default "
                     "the bundled 96x96 validation split)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="int8: calibrate again even if a saved calibration matches")
     ap.add_argument("--height", type=int, help="stablehlo: input height (default: the input "
                     "spec's size, else 96)")
     ap.add_argument("--width", type=int, help="stablehlo: input width (default: the height)")

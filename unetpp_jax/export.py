@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -590,22 +589,10 @@ def load_stablehlo(path) -> tuple[Any, dict]:
 
 def calibration_info(calib) -> dict:
     """What an int8 export records about its calibration (``quant.Calibration``)."""
-    return {"method": calib.method, "num_images": int(calib.num_images),
+    info = {"method": calib.method, "num_images": int(calib.num_images),
             "activation_grid": "symmetric per tensor, zero point 0, [-127, 127]",
             "weights": "symmetric per output channel, max|w|/127, [-127, 127]"}
-
-
-def timed(message: str, log: Callable[[str], None] | None):
-    """A context manager printing ``message`` and then its duration through ``log``."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        t0 = time.perf_counter()
-        if log:
-            log(message + " ...")
-        yield
-        if log:
-            log(f"{message}: {time.perf_counter() - t0:.1f} s")
-
-    return cm()
+    for field in ("images_sha256", "weights_sha256"):  # where the Calibration records them
+        if getattr(calib, field, None):
+            info[field] = str(getattr(calib, field))
+    return info
