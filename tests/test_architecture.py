@@ -86,6 +86,8 @@ def test_numerics_registry_and_roles():
         numerics.get_numerics("fp16", skip_first_conv=True)
     with pytest.raises(ValueError, match="unknown precision"):
         numerics.get_numerics("int4")
+    with pytest.raises(ValueError, match="one head"):
+        UNetPlusPlus(skips="unet", deep_supervision=True)
     # Roles, not names: a numerics that records the role of every conv sees the grid's roles.
     roles = []
 

@@ -92,6 +92,9 @@ class UNetPlusPlus(nn.Module):
         get_encoder(self.encoder)  # an unknown name fails when the model is built, not called
         if self.skips not in SKIPS:
             raise ValueError(f"skips must be one of {SKIPS}, got {self.skips!r}")
+        if self.skips == "unet" and self.deep_supervision:
+            raise ValueError("skips='unet' computes only X(0,D) on the top row, so it has one "
+                             "head: use deep_supervision=False")
         super().__post_init__()
 
     @property
