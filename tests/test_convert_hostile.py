@@ -162,7 +162,9 @@ def test_tiny_hostile_files_are_refused_fast_in_bounded_memory(tmp_path):
             continue
         assert phrase in message and str(tmp_path / name) in message, message
         assert "\n" not in message and seconds < 2.0, (name, seconds)
-    assert result["maxrss_mb"] < 400, result["maxrss_mb"]  # measured: ~45 MB
+    # The bound is the 1 GiB address-space limit above (the old loader needed 4.4 GB and
+    # failed under it). ru_maxrss is only printed: on Linux it can carry the high-water mark of
+    # the forked pytest process across exec, so it is not a measure of the loader alone.
     print(f"peak RSS over the hostile files: {result['maxrss_mb']:.0f} MB")
 
 
