@@ -74,6 +74,14 @@ def main(argv=None) -> int:
                     "default: the bundled weights")
     ap.add_argument("--data", help="stage1_train folder or .zip, a preprocessed folder, or a TFDS "
                     "data_dir; default: the bundled 96x96 validation split")
+    ap.add_argument("--dataset", help="dataset name (data/registry.py: folder, dsb2018, "
+                    "dsb2018-3class); default: the one that recognizes --data")
+    ap.add_argument("--split", default="validation", choices=["validation", "train", "all"],
+                    help="which images to score (default validation; 'all' for a folder dataset)")
+    ap.add_argument("--val-fraction", type=float,
+                    help="folder datasets: validation fraction of a seeded split (default 0.2)")
+    ap.add_argument("--split-seed", type=int, help="folder datasets: the split's seed (default 41)")
+    ap.add_argument("--ids", metavar="FILE", help="folder datasets: the validation ids, one per line")
     ap.add_argument("--head", default="last",
                     help="head whose MIoU fills the table: 1..D, 'last' (default, as UNET-ZOO "
                          "scores) or 'all' (also prints every head's MIoU)")
@@ -127,17 +135,27 @@ def main(argv=None) -> int:
 
     from unetpp_jax import evaluate, quant
     from unetpp_jax.counting import count_params, xla_flops
-    from unetpp_jax.data.registry import load_dataset as load_split
+    from unetpp_jax.data.registry import load_dataset
     from unetpp_jax.numerics import get_numerics
     from unetpp_jax.pretrained import load_checkpoint
 
+    data_options = {k: v for k, v in (("val_fraction", args.val_fraction),
+                                      ("seed", args.split_seed), ("ids", args.ids)) if v is not None}
+
+    def load_split(source, which, progress):
+        size = loaded.input_spec.size[0] if loaded.input_spec.size else 96
+        return load_dataset(source, which, size, dataset=args.dataset, progress=progress,
+                            **data_options)
+
     try:
         loaded = load_checkpoint(args.checkpoint)
-        split = load_split(args.data, "validation", progress=progress)
-    except (FileNotFoundError, ValueError) as e:
+        split = load_split(args.data, args.split, progress=progress)
+    except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, variables, spec = loaded.model, loaded.variables, loaded.input_spec
+    if model.num_classes > 1:
+        return _eval_classes(args, loaded, split, progress)
     precisions = _precisions(args.precision)
     if (args.sensitivity or args.keep_float) and "int8" not in precisions:
         precisions.append("int8")
@@ -198,6 +216,12 @@ def main(argv=None) -> int:
             input_spec=spec, **options)
         if sensitivity is not None and p == "int8":
             r.extra["sensitivity"] = sensitivity
+        if getattr(split, "num_classes", None) is None:  # the class metrics beside the headline
+            from unetpp_jax.evaluate_classes import evaluate_classes
+
+            classes = evaluate_classes(model, variables, split, probs=r.probs[r.head - 1])
+            classes.pop("confusion", None)
+            r.extra.update(classes)
         results.append(r)
         print(f"{r.label}: MIoU {r.miou:.3f} (head {r.head}), Dice {r.dice:.3f}, {r.n_images} images, "
               f"{r.seconds:.1f} s", flush=True)
@@ -226,6 +250,38 @@ def main(argv=None) -> int:
         preds = {r.label: r.probs[r.head - 1] for r in results}
         paths = save_overlays(args.save_overlays, split.images, split.masks, split.ids, preds)
         print(f"wrote {len(paths)} overlay panels to {args.save_overlays}")
+    return 0
+
+
+def _eval_classes(args, loaded, split, progress) -> int:
+    """A multi-class model: per-class IoU from one pooled confusion matrix, their mean and the
+    pixel accuracy, per precision (x100 printed, fractions in the JSON)."""
+    from unetpp_jax import quant
+    from unetpp_jax.evaluate_classes import evaluate_classes, format_classes
+
+    head = loaded.model.num_heads if args.head in ("all", "last") else int(args.head)
+    payload = []
+    for p in _precisions(args.precision):
+        calibration = None
+        if p == "int8":
+            n = min(args.calib_images, len(split))
+            calibration = quant.load_or_calibrate(
+                _checkpoint_dir(args.checkpoint), loaded.model, loaded.variables,
+                loaded.input_spec.normalize(split.images[:n]), args.calibration,
+                recalibrate=args.recalibrate)
+        result = evaluate_classes(loaded.model, loaded.variables, split, head=head,
+                                  input_spec=loaded.input_spec, precision=p,
+                                  calibration=calibration, batch_size=args.batch_size)
+        print(f"{p}: {format_classes(result)} ({len(split)} images, head {head})", flush=True)
+        result.pop("confusion", None)
+        payload.append({"precision": p, "head": head, "n_images": len(split),
+                        "checkpoint": loaded.name, **result})
+    if args.json:
+        from unetpp_jax.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(payload[0] if len(payload) == 1 else payload,
+                                                indent=2))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -127,3 +127,45 @@ def test_eval_json_records_the_calibration_it_created_then_reused(tmp_path, caps
     assert ca["path"] == cb["path"] and Path(ca["path"]).parent == ckpt / "calibration"
     assert ca["created"] == cb["created"] and ca["images_sha256"] == cb["images_sha256"]
     assert a["miou"] == b["miou"]
+
+
+def test_multiclass_eval_on_a_folder_dataset_reports_pooled_class_iou(tmp_path, capsys,
+                                                                       monkeypatch):
+    # A 3-class model on your own folder (indexed-class PNG masks), every image scored
+    # (--split all): the JSON's class IoUs equal a numpy confusion matrix of the argmax.
+    from PIL import Image
+
+    from unetpp_jax.inference import predict_fn
+
+    monkeypatch.setenv("UNETPP_JAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        (tmp_path / "data" / d).mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "data" / "images" / f"im{k}.png")
+        Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(
+            tmp_path / "data" / "masks" / f"im{k}.png")
+    model = UNetPlusPlus(widths=(4, 8), num_classes=3)
+    v = init_variables(model, 3)
+    ckpt = checkpoint.save_variables(tmp_path / "ckpt", v, {
+        "model": model_metadata(model), "input": {"channel_order": "BGR", "size": [32, 32]}})
+    out = tmp_path / "e.json"
+    assert eval_cli.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"),
+                          "--split", "all", "--json", str(out), "--no-progress"]) == 0
+    got = json.loads(out.read_text())
+    assert got["num_classes"] == 3 and got["n_images"] == 3 and len(got["class_iou"]) == 3
+    # independent: argmax of the last head against the PNG labels, confusion counted by hand
+    from unetpp_jax.data.folder import load_folder
+
+    split = load_folder(tmp_path / "data", "all", 32)
+    x = (split.images.astype(np.float32) / 255 - 0.5) / 0.5
+    pred = np.argmax(np.asarray(predict_fn(model)(v, x)[-1]), -1)
+    ious = []
+    for c in range(3):
+        inter = np.sum((pred == c) & (split.masks == c))
+        union = np.sum((pred == c) | (split.masks == c))
+        ious.append(inter / union)
+    np.testing.assert_allclose(got["class_iou"], ious, rtol=1e-9)
+    np.testing.assert_allclose(got["miou_classes"], np.mean(ious), rtol=1e-9)
+    np.testing.assert_allclose(got["pixel_accuracy"], np.mean(pred == split.masks), rtol=1e-9)

@@ -42,7 +42,10 @@ METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
 
 
-CHECKPOINT_ENTRIES = {METADATA_FILE, VARIABLES_DIR}
+CALIBRATION_DIR = "calibration"  # saved int8 calibrations of these weights (quant.Calibration)
+# What a checkpoint directory may hold; --force replaces only such a directory (calibrations
+# belong to the weights they were computed for and go with them).
+CHECKPOINT_ENTRIES = {METADATA_FILE, VARIABLES_DIR, CALIBRATION_DIR}
 _DEBRIS = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[^/]*")
 LEGACY_DEBRIS_AGE_S = 3600  # debris without a writer pid (older versions) is removed after this
 
