@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from experiments.cli import positive_int as _positive
+
 
 def _precisions(values: list[str]) -> list[str]:
     from unetpp_jax.numerics import EVAL_PRECISIONS
@@ -33,14 +35,6 @@ def _precisions(values: list[str]) -> list[str]:
     return out
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def _check_output(path: str, what: str, *, is_dir: bool, protect: list[Path]) -> None:

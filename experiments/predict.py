@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.cli import positive_int as _positive
+
 _GLOB_CHARS = set("*?[")
 OUTPUT_DIRS = ("masks", "overlays", "probabilities")
 
@@ -186,14 +188,6 @@ def overlay(image_bgr: np.ndarray, labels: np.ndarray, num_classes: int) -> np.n
 # Main
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def _check_out(out: Path) -> None:

@@ -7,7 +7,7 @@ with a message, when it is absent. OpenCV appears only here, as the reference im
 from __future__ import annotations
 
 import glob
-import io
+
 import os
 import shutil
 import time

@@ -3,7 +3,6 @@ int8 emulation on a trained model, and the error paths."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path

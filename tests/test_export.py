@@ -4,8 +4,6 @@ images; one bundled-model check at one image."""
 
 from __future__ import annotations
 
-import json
-
 import jax
 import numpy as np
 import pytest

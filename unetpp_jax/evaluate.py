@@ -6,7 +6,6 @@ training log reports and the number the evaluation prints are computed by the sa
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from unetpp_jax import metrics
 from unetpp_jax.data.pipeline import Split
 from unetpp_jax.card import CARD_GFLOPS, CARD_PARAMS_M, CARD_ROWS
 from unetpp_jax.data.normalization import UNETZOO_INPUT, InputSpec
-from unetpp_jax.inference import default_micro_batch, map_in_micro_batches, probabilities
+from unetpp_jax.inference import predict_fn
 from unetpp_jax.numerics import (
     Int8,
     get_numerics,
@@ -30,36 +29,13 @@ from unetpp_jax.numerics import (
 )
 
 
-def _predict(model, prune_level, micro_batch, variables, images):
-    def forward(x):
-        logits = model.apply(variables, x, train=False, prune_level=prune_level)
-        return probabilities(logits, model.num_classes)
-
-    return map_in_micro_batches(forward, images, micro_batch)
-
-
-@functools.lru_cache(maxsize=None)
-def _predict_program(options: tuple):
-    opts = dict(options)
-    return jax.jit(_predict, static_argnums=(0, 1, 2), **({"compiler_options": opts} if opts else {}))
-
-
 def predict_program(model, prune_level: int | None = None, *, micro_batch="auto"):
     """``inference.predict_fn`` compiled with the compiler options ``model.numerics`` asks for
     (``numerics.program_compiler_options``: the package's, or native int8's YNNPACK
     convolutions): a jitted ``f(variables, images) -> probabilities``. Give it
     ``numerics.prepare_variables(model.numerics, variables)`` (folded once, int8 kernels once)."""
-    if isinstance(micro_batch, str) and micro_batch == "auto":
-        micro_batch = default_micro_batch()
-    if micro_batch is not None:
-        if isinstance(micro_batch, bool) or int(micro_batch) != micro_batch or micro_batch < 1:
-            raise ValueError(f"micro_batch must be a positive int, None or 'auto', got "
-                             f"{micro_batch!r}")
-        micro_batch = int(micro_batch)
-    if prune_level is None:
-        prune_level = model.depth
-    options = tuple(sorted(program_compiler_options(model.numerics).items()))
-    return functools.partial(_predict_program(options), model, int(prune_level), micro_batch)
+    return predict_fn(model, prune_level, micro_batch=micro_batch,
+                      compiler_options=program_compiler_options(model.numerics))
 
 
 def predict_split(model, variables, images_uint8: np.ndarray, *, batch_size: int = 16,

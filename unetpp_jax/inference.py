@@ -151,8 +151,12 @@ def _predict(model, prune_level, micro_batch, variables, images):
 
 
 @functools.lru_cache(maxsize=None)
-def _predict_program():
-    return inference_jit(_predict, static_argnums=(0, 1, 2))
+def _predict_program(options: tuple | None = None):
+    """The jitted predict program for a set of compiler options (default: the package's)."""
+    if options is None:
+        return inference_jit(_predict, static_argnums=(0, 1, 2))
+    opts = dict(options)
+    return jax.jit(_predict, static_argnums=(0, 1, 2), **({"compiler_options": opts} if opts else {}))
 
 
 def default_micro_batch() -> int | None:
@@ -161,7 +165,8 @@ def default_micro_batch() -> int | None:
     return 1 if jax.default_backend() == "cpu" else None
 
 
-def predict_fn(model, prune_level: int | None = None, *, micro_batch: int | None | str = "auto"):
+def predict_fn(model, prune_level: int | None = None, *, micro_batch: int | None | str = "auto",
+               compiler_options: dict | None = None):
     """A jitted ``f(variables, images) -> probabilities`` in inference mode at one prune level
     (default: the model's depth).
 
@@ -171,7 +176,8 @@ def predict_fn(model, prune_level: int | None = None, *, micro_batch: int | None
     micro-batch, input shape). ``variables``: the checkpoint's (BatchNorm folded inside every
     call) or :func:`fold_batchnorm_variables`' (folded once: faster). ``micro_batch``: images
     per step inside the program; ``"auto"`` is :func:`default_micro_batch`, ``None`` the whole
-    batch at once.
+    batch at once. ``compiler_options``: XLA options of the program instead of the package's
+    :func:`compiler_options` (native int8 asks for its own).
     """
     if isinstance(micro_batch, str) and micro_batch == "auto":
         micro_batch = default_micro_batch()
@@ -183,4 +189,5 @@ def predict_fn(model, prune_level: int | None = None, *, micro_batch: int | None
         micro_batch = int(micro_batch)  # numpy integers too; a plain int keys the jit cache
     if prune_level is None:
         prune_level = model.depth
-    return functools.partial(_predict_program(), model, int(prune_level), micro_batch)
+    options = None if compiler_options is None else tuple(sorted(compiler_options.items()))
+    return functools.partial(_predict_program(options), model, int(prune_level), micro_batch)

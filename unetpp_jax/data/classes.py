@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from unetpp_jax.data.pipeline import Split, _epoch_rng, augment_examples, epoch_order
+from unetpp_jax.data.pipeline import Split, epoch_examples
 from unetpp_jax.data.preprocess import resize_linear
 
 __all__ = ["ClassSplit", "class_batches", "resize_labels"]
@@ -60,15 +60,7 @@ def class_batches(split: ClassSplit, batch_size: int, *, seed: int = 0, epoch: i
     from unetpp_jax.data.normalization import UNETZOO_INPUT
 
     spec = input_spec or UNETZOO_INPUT
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(split)
-    order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle)
-    transforms = _epoch_rng(seed, epoch, 1).integers(0, 8, size=n) if augment else None
-    stop = n - n % batch_size if drop_remainder else n
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        images, labels = split.images[idx], split.masks[idx]
-        if transforms is not None:
-            images, labels = augment_examples(images, labels, transforms[start:start + batch_size])
+    for images, labels in epoch_examples(split, batch_size, seed=seed, epoch=epoch,
+                                         shuffle=shuffle, augment=augment,
+                                         drop_remainder=drop_remainder):
         yield {"image": spec.normalize(images), "label": labels.astype(np.int32)}

@@ -45,7 +45,7 @@ from PIL import Image
 
 from unetpp_jax.data import cache as _cache
 from unetpp_jax.data.classes import ClassSplit, resize_labels
-from unetpp_jax.data.images import ImageReadError, is_image_name, read_image_bgr_any
+from unetpp_jax.data.images import is_image_name, read_image_bgr_any
 from unetpp_jax.data.pipeline import Split
 from unetpp_jax.data.preprocess import PreprocessError, resize_linear, resize_linear_uint8
 

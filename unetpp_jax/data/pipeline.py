@@ -385,6 +385,20 @@ def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shu
     rot90 per example (:func:`augment_examples`), also fixed by ``(seed, epoch)`` and independent of
     the shuffle. ``drop_remainder=False`` yields a last, smaller batch.
     """
+    for images, masks in epoch_examples(split, batch_size, seed=seed, epoch=epoch,
+                                        shuffle=shuffle, augment=augment,
+                                        drop_remainder=drop_remainder):
+        yield {
+            "image": normalize(images),
+            "mask": (masks.astype(np.float32) / np.float32(255))[..., None],
+        }
+
+
+def epoch_examples(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                   shuffle: bool = True, augment: bool = False, drop_remainder: bool = True
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The uint8 ``(images, masks)`` of each batch of one epoch, in the order and with the
+    flips/rot90 that ``(seed, epoch)`` fix (what :func:`batches` normalises)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = len(split)
@@ -396,10 +410,7 @@ def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shu
         images, masks = split.images[idx], split.masks[idx]
         if transforms is not None:
             images, masks = augment_examples(images, masks, transforms[start:start + batch_size])
-        yield {
-            "image": normalize(images),
-            "mask": (masks.astype(np.float32) / np.float32(255))[..., None],
-        }
+        yield images, masks
 
 
 def num_batches(n: int, batch_size: int, *, drop_remainder: bool = True) -> int:
