@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import shlex
 import sys
 import time
@@ -68,6 +69,10 @@ def main(argv=None) -> int:
                     "1 2, 2 repeats, 8 images; its numbers are not for reporting")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin and the converter")
     ap.add_argument("--torch-threads", type=int, help="PyTorch threads (default: one per core)")
+    ap.add_argument("--onnx", action="append", default=[], metavar="FILE",
+                    help="an exported ONNX file (python -m experiments.export --format onnx) "
+                         "timed by ONNX Runtime in the precision section's alternating rounds; "
+                         "repeatable (e.g. the fp32 and the int8 export)")
     ap.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
                     help=f"run only these sections (repeatable): {', '.join(SECTIONS)}")
     ap.add_argument("--execution", choices=("emulated", "native", "all"), default="all",
@@ -112,8 +117,17 @@ def main(argv=None) -> int:
 
                 return from_flax(m, v)
 
+    extra_rows = {}
+    for path in args.onnx:
+        try:
+            from unetpp_jax.export import onnx_predict_fn, onnx_session
+
+            extra_rows[f"onnxruntime {os.path.basename(path)}"] = onnx_predict_fn(onnx_session(path))
+        except Exception as e:  # a missing onnxruntime, an unreadable file: one line, exit 2
+            print(f"error: --onnx {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     report = run_benchmark(model, variables, split, cfg, scored=scored, make_twin=make_twin,
-                           checkpoint_path=args.checkpoint,
+                           extra_rows=extra_rows, checkpoint_path=args.checkpoint,
                            no_twin_reason=no_twin, log=log,
                            meta={"checkpoint": checkpoint, "data": data, "quick": args.quick,
                                  "command": "python -m experiments.bench "

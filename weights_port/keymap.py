@@ -7,7 +7,7 @@ set of expected PyTorch keys, and their shapes, follow from the model rather tha
 kept by hand. Every missing key, unexpected key, shape mismatch and non-float tensor is
 collected and raised together in one :class:`KeyMapError`.
 
-Two source layouts (:data:`STYLES`), told apart by their keys (REFERENCE §2, §9):
+Two source layouts (:data:`STYLES`), told apart by their keys (docs/converter.md):
 
 * ``unet-zoo`` (UNET-ZOO ``NestedUNet``): ``conv{i}_{j}.conv.0/.3`` are the block's two convs
   (``conv1``/``conv2``), ``.conv.1/.4`` its BatchNorms (``bn1``/``bn2``);
