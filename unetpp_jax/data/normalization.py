@@ -45,13 +45,15 @@ class InputSpec:
         x = np.asarray(images_uint8_bgr)
         if x.dtype != np.uint8:
             raise ValueError(f"normalize expects uint8 images, got {x.dtype}")
-        if x.shape[-1] != self.channels:
+        uniform = len(set(self.mean)) == 1 and len(set(self.std)) == 1
+        if x.shape[-1] != self.channels and not uniform:
             raise ValueError(f"the model takes {self.channels}-channel images, got "
                              f"{x.shape[-1]} channels (shape {x.shape})")
-        if self.channel_order == "RGB" and self.channels == 3:
+        if self.channel_order == "RGB" and x.shape[-1] == 3:
             x = x[..., ::-1]
-        mean = np.asarray(self.mean, np.float32)
-        std = np.asarray(self.std, np.float32)
+        # The same mean and std for every channel apply to any channel count.
+        mean = np.asarray(self.mean[:1] if uniform else self.mean, np.float32)
+        std = np.asarray(self.std[:1] if uniform else self.std, np.float32)
         return (x.astype(np.float32) / np.float32(255) - mean) / std
 
     def to_json(self) -> dict:
