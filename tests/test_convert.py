@@ -46,14 +46,8 @@ def with_prefix(sd, prefix="module."):
     return type(sd)((prefix + k, v) for k, v in sd.items())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    # On this shared 2-core machine PyTorch's two OpenMP threads spin against each other and
-    # against XLA's pool: a 3-step training loop took 10 s with 2 threads, 0.8 s with 1.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# PyTorch with one thread for the whole file (conftest's `torch` fixture).
+pytestmark = pytest.mark.usefixtures("torch")
 
 
 @pytest.fixture(scope="module")

@@ -104,12 +104,8 @@ def write_config(folder, arch, ds, num_classes, input_channels=3, h=96, w=96):
     (folder / "config.yml").write_text(text)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# PyTorch with one thread for the whole file (conftest's `torch` fixture).
+pytestmark = pytest.mark.usefixtures("torch")
 
 
 CASES = [  # (arch, deep supervision, classes, config.yml beside model.pth)
