@@ -4,7 +4,7 @@
 
 Why it exists: the convolutions are where the UNet++ forward spends its time, and on XLA:CPU
 their speed depends on which library XLA hands them to (YNNPACK by default in jaxlib 0.10, or
-Eigen with ``layers.XLA_COMPILER_OPTIONS``) and on how they are written. Each column computes
+Eigen with ``inference.compiler_options()``) and on how they are written. Each column computes
 the same convolution (checked against a ``precision='highest'`` XLA conv); the last is PyTorch's
 (oneDNN) for scale.
 """
@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark import time_jitted
-from unetpp_jax.layers import XLA_COMPILER_OPTIONS
+from unetpp_jax.inference import compiler_options
+
+XLA_COMPILER_OPTIONS = compiler_options()  # the package's inference options (YNNPACK off where known)
 
 
 def _lax(dn):
@@ -57,7 +59,7 @@ def shifted_matmuls(x, w):
 
 
 # name -> (prepare, conv, to_nhwc, compiler options). The package compiles its inference
-# programs with layers.XLA_COMPILER_OPTIONS (YNNPACK off: XLA's Eigen convolution); the second
+# programs with inference.compiler_options() (YNNPACK off: XLA's Eigen convolution); the second
 # column is the same convolution with XLA's default options (YNNPACK).
 VARIANTS = {
     "NHWC (package)": (*_lax(("NHWC", "HWIO", "NHWC")), XLA_COMPILER_OPTIONS),

@@ -136,3 +136,18 @@ def test_description_round_trip_and_bad_metadata_names_file_and_field(tmp_path):
         with pytest.raises(ValueError) as e:
             load_checkpoint(bad)
         assert "metadata.json" in str(e.value) and (field in str(e.value) or "resnet999" in str(e.value))
+
+
+def test_every_tool_module_imports():
+    # A script whose import breaks (a moved name) fails here, not in front of a user.
+    import importlib
+    import pkgutil
+
+    import experiments
+    import weights_port
+
+    for pkg in (experiments, weights_port):
+        for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            if m.name == "experiments.torch_twin":
+                pytest.importorskip("torch")
+            importlib.import_module(m.name)

@@ -259,7 +259,7 @@ def make_train_step(model: UNetPlusPlus, cfg: TrainConfig, mesh: Mesh):
 
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P("data"))
-    # XLA's default compiler options here, not layers.XLA_COMPILER_OPTIONS: with YNNPACK off, the
+    # XLA's default compiler options here, not inference.compiler_options(): with YNNPACK off, the
     # 2-device data-parallel step's first-conv gradient was 6.5e-5 away from a float64 reference
     # (0.4% of its largest entry; 1.6e-7 with the default, and on one device either way), and
     # the training step was no faster without YNNPACK (3.9 images/s both ways).
