@@ -10,8 +10,9 @@ epoch as a checkpoint directory.
 --checkpoint takes a checkpoint directory (converted, exported or bundled), a training workdir
 (its best epoch) or the word 'bundled'. ONNX models take input 'image' (NHWC float32, normalised
 as the checkpoint's input spec says: it is recorded in the model's metadata and doc string) and
-give the probabilities of heads 1..L as head1..headL; batch, height and width are dynamic
-(multiples of 2**depth). int8 calibrates first (the checkpoint's calibration method and images:
+give the probabilities of heads 1..L as head1..headL (one output 'head' for a model without
+deep supervision, e.g. a converted segmentation_models_pytorch UnetPlusPlus); batch, height and
+width are dynamic (multiples of 2**depth). int8 calibrates first (the checkpoint's calibration method and images:
 --calibration, --calib-images; default kl on the first 50 bundled validation images, as
 experiments.eval). StableHLO has a dynamic batch and a fixed height and width (default: the
 input spec's size, else 96). Every file is written atomically (temporary file, then rename).

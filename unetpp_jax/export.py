@@ -10,8 +10,10 @@ StableHLO (``jax.export``). See ``docs/export.md``.
     probs = export.onnx_predict_fn(export.onnx_session("unetpp.onnx"))(images)  # list of heads
 
 ONNX graphs are built node by node with ``onnx.helper`` from the BatchNorm-folded variables,
-walking the model's own grid (``model.grid_nodes`` / ``model.skip_columns``) over an encoder
-emitter per entry of ``encoders.ENCODERS`` (:data:`ONNX_ENCODERS`). That is what lets the int8
+by one emitter per architecture (:data:`ONNX_ARCHITECTURES`: ``UNetPlusPlus`` walks its grid,
+``model.grid_nodes`` / ``model.skip_columns``; ``SMPUnetPlusPlus`` smp's decoder grid) over one
+emitter per encoder (:data:`ONNX_ENCODERS`: vgg, resnet18..152), each a small function per
+block mirroring the Flax module. That is what lets the int8
 graph carry *this project's* quantization -- the calibrated per-tensor scale of every conv input
 (``numerics.Int8``'s sites) and per-output-channel int8 weights -- as QuantizeLinear /
 DequantizeLinear pairs, so ONNX Runtime runs the project's int8 model rather than calibrating
@@ -31,6 +33,7 @@ StableHLO has a dynamic batch and the height and width it was exported at.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +45,7 @@ import numpy as np
 
 from unetpp_jax.files import write_bytes_atomic, write_text_atomic
 from unetpp_jax.inference import fold_batchnorm_variables, probabilities
-from unetpp_jax.model import UNetPlusPlus, grid_nodes, skip_columns
+from unetpp_jax.model import grid_nodes, skip_columns
 from unetpp_jax.numerics import INT8_MAX, quantize_weights, site_name
 
 FORMATS = ("checkpoint", "onnx", "stablehlo")
@@ -138,20 +141,48 @@ class _Graph:
         self.nonnegative.add(y)
         return y
 
-    def max_pool(self, x: str) -> str:
-        y = self.op("MaxPool", [x], "maxpool", kernel_shape=[2, 2], strides=[2, 2])
-        if x in self.nonnegative:
+    def _keeps_sign(self, y: str, *inputs: str) -> str:
+        """Mark ``y`` >= 0 when every input is (max-pool, resize, pooling, sums, products)."""
+        if all(i in self.nonnegative for i in inputs):
             self.nonnegative.add(y)
         return y
+
+    def max_pool(self, x: str, size: int = 2, stride: int = 2, pad: int = 0) -> str:
+        """``MaxPool``: 2x2/2 (``layers.max_pool2x2``) or, with ``size=3, pad=1``, the ResNet
+        stem's 3x3/2 (``layers.max_pool3x3_stride2``: ONNX never lets a padded position win,
+        as PyTorch's -inf padding)."""
+        y = self.op("MaxPool", [x], "maxpool", kernel_shape=[size, size],
+                    strides=[stride, stride], pads=[pad] * 4)
+        return self._keeps_sign(y, x)
 
     def upsample(self, x: str) -> str:
         """Bilinear x2, ``align_corners=True`` (``layers.upsample2x_align_corners``)."""
         scales = self.const("up_scales", np.array([1, 1, 2, 2], np.float32))
         y = self.op("Resize", [x, "", scales], "up", mode="linear",
                     coordinate_transformation_mode="align_corners")
-        if x in self.nonnegative:
-            self.nonnegative.add(y)
+        return self._keeps_sign(y, x)
+
+    def upsample_nearest(self, x: str) -> str:
+        """Nearest x2 (``layers.upsample2x_nearest``): output pixel o reads input o // 2."""
+        scales = self.const("up_scales", np.array([1, 1, 2, 2], np.float32))
+        y = self.op("Resize", [x, "", scales], "up_nearest", mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        return self._keeps_sign(y, x)
+
+    def add(self, a: str, b: str) -> str:
+        return self._keeps_sign(self.op("Add", [a, b], "add"), a, b)
+
+    def mul(self, a: str, b: str) -> str:
+        return self._keeps_sign(self.op("Mul", [a, b], "mul"), a, b)
+
+    def sigmoid(self, x: str) -> str:
+        y = self.op("Sigmoid", [x], "sigmoid")
+        self.nonnegative.add(y)
         return y
+
+    def mean_hw(self, x: str) -> str:
+        """The spatial mean, kept as a 1x1 map (``jnp.mean(x, (1, 2), keepdims=True)``)."""
+        return self._keeps_sign(self.op("GlobalAveragePool", [x], "mean_hw"), x)
 
     def concat(self, parts: Sequence[str]) -> str:
         if len(parts) == 1:
@@ -262,7 +293,8 @@ class _Graph:
 
 
 # Encoder emitters: name in encoders.ENCODERS -> function(graph, params, x, widths) returning
-# the NCHW tensor names of X(0,0)..X(D,0), mirroring the encoder's Flax code.
+# the NCHW tensor names of the encoder's pyramid (features[i] at stride 2**i), mirroring the
+# encoder's Flax code.
 
 
 def _vgg_block(g: _Graph, params, name: str, parts: Sequence[str]) -> str:
@@ -280,10 +312,150 @@ def _vgg_encoder(g: _Graph, params, x: str, widths: Sequence[int]) -> list[str]:
     return features
 
 
-ONNX_ENCODERS: dict[str, Callable] = {"vgg": _vgg_encoder}
-# The block every decoder node X(i,j), j >= 1, uses, per encoder (UNetPlusPlus builds its nodes
-# with encoders.vgg.ConvBlock whatever the encoder; kept per encoder for architectures that differ).
-ONNX_NODE_BLOCKS: dict[str, Callable] = {"vgg": _vgg_block}
+def _resnet_block(g: _Graph, params, path: tuple[str, ...], x: str, stride: int,
+                  bottleneck: bool) -> str:
+    """``encoders.resnet.Block``: ``ReLU(convs(x) + identity)``; BasicBlock (conv1 3x3/s ->
+    ReLU -> conv2 3x3) or Bottleneck (conv1 1x1 -> ReLU -> conv2 3x3/s -> ReLU -> conv3 1x1),
+    identity = ``downsample_conv`` (1x1/s) when the block has one. Each conv followed by ReLU
+    feeds only the next conv, so int8 ``qlinear`` fuses it (``out_path``)."""
+    convs = (("conv1", 1), ("conv2", stride), ("conv3", 1)) if bottleneck else (
+        ("conv1", stride), ("conv2", 1))
+    out = x
+    for k, (name, s) in enumerate(convs):
+        last = k == len(convs) - 1
+        out = g.conv(params, (*path, name), [out], relu=not last, stride=s,
+                     out_path=None if last else (*path, convs[k + 1][0]))
+    identity = x
+    if _subtree(params, (*path, "downsample_conv")) is not None:
+        identity = g.conv(params, (*path, "downsample_conv"), [x], relu=False, stride=stride)
+    return g.relu(g.add(out, identity))
+
+
+def _resnet_encoder(g: _Graph, params, x: str, widths: Sequence[int], *, arch: str) -> list[str]:
+    """``encoders.resnet.ResNetEncoder`` (params under ``encoder``): the input, then the stem
+    (conv1 7x7/2 -> ReLU), 3x3/2 max-pool -> layer1, layer2.. (first block stride 2); the
+    pyramid up to ``layer{depth-1}`` as smp returns it."""
+    from unetpp_jax.encoders.resnet import RESNETS
+
+    spec = RESNETS[arch]
+    depth = len(widths) - 1
+    h = g.conv(params, ("encoder", "conv1"), [x], relu=True, stride=2)
+    features = [x, h]
+    for k in range(1, depth):
+        if k == 1:
+            h = g.max_pool(h, size=3, stride=2, pad=1)
+        for b in range(spec.layers[k - 1]):
+            h = _resnet_block(g, params, ("encoder", f"layer{k}_{b}"), h,
+                              2 if (k > 1 and b == 0) else 1, spec.block == "bottleneck")
+        features.append(h)
+    return features
+
+
+ONNX_ENCODERS: dict[str, Callable] = {
+    "vgg": _vgg_encoder,
+    **{name: functools.partial(_resnet_encoder, arch=name)
+       for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+}
+
+
+# Architecture emitters: name in pretrained.ARCHITECTURES -> function(graph, model, params, x,
+# level) returning the NCHW logits of each head in order, mirroring the model's __call__; and
+# where each architecture's first conv (the one reading the image) sits.
+
+
+def _unetpp_graph(g: _Graph, model, params, x: str, level: int) -> list[str]:
+    """``model.UNetPlusPlus``: the X(i,j) grid (``grid_nodes``/``skip_columns``) over the
+    encoder, ``ConvBlock`` nodes (whatever the encoder), 1x1 heads ``final{k}`` / ``final``."""
+    features = ONNX_ENCODERS[model.encoder](g, params, x, model.widths)
+    X: dict[tuple[int, int], str] = {}
+    for i, j in grid_nodes(level, model.skips, model.depth):
+        if j == 0:
+            X[i, j] = features[i]
+            continue
+        parts = [X[i, k] for k in skip_columns(j, model.skips)]
+        parts.append(g.upsample(X[i + 1, j - 1]))
+        X[i, j] = _vgg_block(g, params, f"conv{i}_{j}", parts)
+    heads = ([(f"final{k}", X[0, k]) for k in range(1, level + 1)] if model.deep_supervision
+             else [("final", X[0, model.depth])])
+    return [g.conv(params, (name,), [feat], relu=False) for name, feat in heads]
+
+
+def _scse(g: _Graph, params, path: tuple[str, ...], x: str) -> str:
+    """``smp_unetplusplus.SCSE``: ``x * sigmoid(cse_conv2(ReLU(cse_conv1(mean_hw(x))))) +
+    x * sigmoid(sse_conv(x))`` on the whole concatenation (the Flax module reads its parts)."""
+    cse = g.conv(params, (*path, "cse_conv1"), [g.mean_hw(x)], relu=True)
+    cse = g.sigmoid(g.conv(params, (*path, "cse_conv2"), [cse], relu=False))
+    sse = g.sigmoid(g.conv(params, (*path, "sse_conv"), [x], relu=False))
+    return g.add(g.mul(x, cse), g.mul(x, sse))
+
+
+def _smp_decoder_block(g: _Graph, model, params, name: str, parts: Sequence[str]) -> str:
+    """``smp_unetplusplus.DecoderBlock``: [attention1 when there is a skip] -> conv1 -> ReLU ->
+    conv2 -> ReLU -> [attention2] (BatchNorm folded, or convs with bias: the same graph)."""
+    path = ("decoder", name)
+    scse = model.decoder_attention_type == "scse"
+    if scse and len(parts) > 1:
+        parts = [_scse(g, params, (*path, "attention1"), g.concat(parts))]
+    h = g.conv(params, (*path, "conv1"), parts, relu=True, out_path=(*path, "conv2"))
+    h = g.conv(params, (*path, "conv2"), [h], relu=True)
+    return _scse(g, params, (*path, "attention2"), h) if scse else h
+
+
+def _smp_graph(g: _Graph, model, params, x: str, level: int) -> list[str]:
+    """``smp_unetplusplus.SMPUnetPlusPlus``: the ResNet pyramid, the decoder grid X(i,j) =
+    block(concat[up(X(i+1,j-1)), X(i,j-1), ..., X(i,0)]) with nearest x2 upsampling, the final
+    full-resolution block and the 3x3 ``segmentation_head``: one head."""
+    from unetpp_jax.encoders.resnet import resnet_widths
+    from unetpp_jax.smp_unetplusplus import block_name
+    from unetpp_jax.smp_unetplusplus import grid_nodes as smp_grid_nodes
+
+    del level  # one head, no pruning (_check_level)
+    depth = model.encoder_depth
+    c_in = input_channels(model, params)
+    features = ONNX_ENCODERS[model.encoder](g, params, x,
+                                            resnet_widths(model.encoder, c_in, depth))
+    X: dict[tuple[int, int], str] = {(i, 0): features[i + 1] for i in range(depth)}
+    for i, j in smp_grid_nodes(depth):
+        parts = [g.upsample_nearest(X[i + 1, j - 1])] + [X[i, k] for k in range(j - 1, -1, -1)]
+        X[i, j] = _smp_decoder_block(g, model, params, block_name(i, j, depth), parts)
+    y = _smp_decoder_block(g, model, params, block_name(-1, depth, depth),
+                           [g.upsample_nearest(X[0, depth - 1])])
+    return [g.conv(params, ("segmentation_head",), [y], relu=False)]
+
+
+ONNX_ARCHITECTURES: dict[str, Callable] = {
+    "UNetPlusPlus": _unetpp_graph,
+    "SMPUnetPlusPlus": _smp_graph,
+}
+# The conv that reads the image, per architecture: its kernel gives the input channels.
+INPUT_CONVS: dict[str, tuple[str, ...]] = {
+    "UNetPlusPlus": ("conv0_0", "conv1"),  # a vgg encoder; a ResNet one: ("encoder", "conv1")
+    "SMPUnetPlusPlus": ("encoder", "conv1"),
+}
+
+
+def _architecture_name(model) -> str:
+    from unetpp_jax.pretrained import ARCHITECTURES
+
+    cls = type(model).__name__
+    return next((k for k, v in ARCHITECTURES.items() if v.endswith(":" + cls)), cls)
+
+
+def _subtree(tree: Mapping, path: tuple[str, ...]):
+    """``tree[path[0]][path[1]]...`` or None."""
+    for k in path:
+        tree = tree.get(k) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def input_channels(model, params: Mapping) -> int:
+    """Channels of the image the model reads (from its first conv's kernel)."""
+    for path in (INPUT_CONVS.get(_architecture_name(model), ()), ("encoder", "conv1"),
+                 ("conv0_0", "conv1")):
+        node = _subtree(params, path)
+        if isinstance(node, Mapping) and "kernel" in node:
+            return int(np.shape(node["kernel"])[2])
+    raise ExportError(f"cannot find the input conv of {type(model).__name__} in its variables")
 
 
 def _drop_dead_nodes(g: _Graph, outputs: Sequence[str]) -> None:
@@ -314,7 +486,8 @@ def onnx_model(model, variables: Mapping, *, input_spec=None, precision: str = "
     """The ONNX model (``onnx.ModelProto``) of ``model`` with ``variables`` at ``precision``.
 
     Args:
-      model: a ``UNetPlusPlus`` whose encoder has an emitter in :data:`ONNX_ENCODERS`.
+      model: an architecture with an emitter in :data:`ONNX_ARCHITECTURES` (``UNetPlusPlus``
+        whose encoder has one in :data:`ONNX_ENCODERS`; ``SMPUnetPlusPlus``).
       variables: the checkpoint's variables (BatchNorm folded here) or folded ones.
       input_spec: the checkpoint's ``InputSpec``, recorded in the model's metadata and doc.
       precision: ``fp32``; ``fp16`` (float16 weights and activations, float32 image in and
@@ -339,9 +512,10 @@ def onnx_model(model, variables: Mapping, *, input_spec=None, precision: str = "
 
     if precision not in ONNX_PRECISIONS:
         raise ExportError(f"ONNX precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
-    if not isinstance(model, UNetPlusPlus):
-        raise ExportError(f"no ONNX emitter for {type(model).__name__} (only UNetPlusPlus is "
-                          "built by hand); export it with --format stablehlo")
+    arch = _architecture_name(model)
+    if arch not in ONNX_ARCHITECTURES:
+        raise ExportError(f"no ONNX emitter for {type(model).__name__} (have "
+                          f"{sorted(ONNX_ARCHITECTURES)}); export it with --format stablehlo")
     if model.encoder not in ONNX_ENCODERS:
         raise ExportError(f"no ONNX emitter for encoder {model.encoder!r} (have "
                           f"{sorted(ONNX_ENCODERS)}); export it with --format stablehlo")
@@ -360,24 +534,10 @@ def onnx_model(model, variables: Mapping, *, input_spec=None, precision: str = "
     x = g.op("Transpose", [INPUT_NAME], "nchw", perm=[0, 3, 1, 2])
     if precision == "fp16":
         x = g.op("Cast", [x], "to_fp16", to=TensorProto.FLOAT16)
-    features = ONNX_ENCODERS[model.encoder](g, params, x, model.widths)
-    block = ONNX_NODE_BLOCKS[model.encoder]
-    X: dict[tuple[int, int], str] = {}
-    for i, j in grid_nodes(level, model.skips, depth):
-        if j == 0:
-            X[i, j] = features[i]
-            continue
-        parts = [X[i, k] for k in skip_columns(j, model.skips)]
-        parts.append(g.upsample(X[i + 1, j - 1]))
-        X[i, j] = block(g, params, f"conv{i}_{j}", parts)
-    if model.deep_supervision:
-        heads = [(f"final{k}", X[0, k]) for k in range(1, level + 1)]
-    else:
-        heads = [("final", X[0, depth])]
+    heads = ONNX_ARCHITECTURES[arch](g, model, params, x, level)
 
     outputs = output_names(model, level)
-    for out_name, (head, feat) in zip(outputs, heads):
-        logits = g.conv(params, (head,), [feat], relu=False)
+    for out_name, logits in zip(outputs, heads):
         if precision == "fp16":  # heads' logits in float32, as numerics.Float16
             logits = g.op("Cast", [logits], "to_fp32", to=TensorProto.FLOAT)
         probs = (g.op("Sigmoid", [logits], "sigmoid") if nc == 1
@@ -392,7 +552,7 @@ def onnx_model(model, variables: Mapping, *, input_spec=None, precision: str = "
                           f"{sorted('/'.join(p) for p in expected - g.used)}")
 
     m = 2 ** depth
-    c_in = int(np.asarray(params["conv0_0"]["conv1"]["kernel"]).shape[2])
+    c_in = input_channels(model, params)
     dims = ["batch", f"height_{m}k", f"width_{m}k"]
     inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [*dims, c_in])
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [*dims, nc]) for n in outputs]
@@ -420,9 +580,16 @@ def onnx_model(model, variables: Mapping, *, input_spec=None, precision: str = "
 
 def _doc_string(desc, spec, precision, level, outputs, m, calibration_info) -> str:
     order = spec.channel_order if spec.channels == 3 else f"{spec.channels} channels"
+    if desc.get("name") == "SMPUnetPlusPlus":
+        model_line = (f"segmentation_models_pytorch UnetPlusPlus ({desc.get('encoder')} encoder, "
+                      f"depth {desc.get('encoder_depth')}, decoder channels "
+                      f"{desc.get('decoder_channels')}, attention "
+                      f"{desc.get('decoder_attention_type')}), {precision}, one head.")
+    else:
+        model_line = (f"UNet++ ({desc.get('encoder')} encoder, widths {desc.get('widths')}, "
+                      f"skips {desc.get('skips')}), {precision}, prune level {level}.")
     lines = [
-        f"UNet++ ({desc.get('encoder')} encoder, widths {desc.get('widths')}, skips "
-        f"{desc.get('skips')}), {precision}, prune level {level}.",
+        model_line,
         f"Input '{INPUT_NAME}': NHWC float32, {order} pixels normalised as "
         f"(pixel/255 - mean)/std with mean {list(spec.mean)}, std {list(spec.std)}; "
         f"height and width multiples of {m}; any batch.",
@@ -534,8 +701,8 @@ def stablehlo_export(model, variables: Mapping, *, input_spec=None, height: int,
     run_model = model.clone(numerics=numerics)
     if in_channels is None:
         try:
-            in_channels = int(folded["params"]["conv0_0"]["conv1"]["kernel"].shape[2])
-        except (KeyError, TypeError):
+            in_channels = input_channels(model, folded["params"])
+        except ExportError:
             in_channels = 3
     c_in = int(in_channels)
 
