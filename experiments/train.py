@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     _maybe_init_distributed(args.heartbeat_timeout)
     import jax
 
-    from unetpp_jax.data.registry import load_dataset
+    from unetpp_jax.data.registry import open_dataset, resolve_dataset
     from unetpp_jax.train import NonFiniteLossError, TrainingError, train
 
     cfg = get_config(args.config)
@@ -133,10 +133,15 @@ def main(argv=None) -> int:
     progress = not args.no_progress and primary
     try:
         cfg.build_model()  # a bad --set architecture/encoder/widths fails here, in one line
-        train_split = load_dataset(args.data, "train", cfg.image_size, dataset=cfg.dataset,
-                                   progress=progress)
-        val_split = load_dataset(args.data, "validation", cfg.image_size, dataset=cfg.dataset,
-                                 progress=progress)
+        # Readers: each process reads only its own rows, inside train().
+        options = {}
+        if resolve_dataset(args.data, cfg.dataset) == "folder":
+            # Every process decides binary/classes alike: from the model, not from its rows.
+            options["num_classes"] = max(2, cfg.num_classes)
+        train_split = open_dataset(args.data, "train", cfg.image_size, dataset=cfg.dataset,
+                                   progress=progress, **options)
+        val_split = open_dataset(args.data, "validation", cfg.image_size, dataset=cfg.dataset,
+                                 progress=progress, **options)
     except (FileNotFoundError, ValueError) as e:
         _fail(f"error: {e}", 2)
         return 2

@@ -318,6 +318,35 @@ def test_tfds_build_small_subset_twice_and_from_zip(tmp_path):
     np.testing.assert_array_equal(from_tfds.masks, from_raw.masks)
     np.testing.assert_array_equal(rec["image"], from_raw.images[0][..., ::-1])  # stored as RGB
 
+    # Readers (what each process of a multi-host training uses) fetch only the rows asked for.
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.keys = inner, []
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitems__(self, keys):
+            self.keys += list(keys)
+            return self.inner.__getitems__(keys)
+
+    reader = pipeline.open_tfds_split(tmp_path / "a", "validation")
+    counting = Counting(reader.source)
+    part = type(reader)(counting, reader.size).read(1, 3)
+    assert counting.keys == [1, 2] and part.ids == from_raw.ids[1:3]
+    np.testing.assert_array_equal(part.images, from_raw.images[1:3])
+    preprocessed = []
+    real = pipeline.Stage1Train.preprocess
+    try:
+        pipeline.Stage1Train.preprocess = lambda self, i, size: preprocessed.append(i) or real(self, i, size)
+        raw_reader = pipeline.open_split(root, "validation", progress=False)
+        assert preprocessed == [] and len(raw_reader) == 3
+        raw_part = raw_reader.read(2, 3)
+    finally:
+        pipeline.Stage1Train.preprocess = real
+    assert preprocessed == from_raw.ids[2:3] == raw_part.ids
+    np.testing.assert_array_equal(raw_part.masks, from_raw.masks[2:3])
+
 
 def test_tfds_build_failure_leaves_nothing_behind(tmp_path):
     from unetpp_jax.data.dsb2018 import build

@@ -3,8 +3,9 @@
 One scenario, in order: two processes start ``experiments.train``; process 0 (which also hosts
 the jax.distributed coordinator) is killed with SIGKILL after epoch 1 is committed and the
 survivor must stop with a clear message instead of hanging; the same command rerun on both
-resumes after epoch 1 and finishes (both exit 0); the per-epoch training loss equals one process
-with two simulated devices for the same global batches.
+resumes after epoch 1 and finishes (both exit 0), each having read only its own part of the
+data (its own cache holds exactly those ids, disjoint from the other's); the per-epoch training
+loss equals one process with two simulated devices for the same global batches.
 """
 
 import json
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +57,10 @@ def launch(data: Path, workdir: Path, logs: Path, tag: str) -> list[subprocess.P
     port = free_port()
     procs = []
     for i in range(2):
+        # A data cache per process: what each one read and preprocessed is left in its own.
         env = dict(base_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                   UNETPP_JAX_CACHE=str(logs / f"cache{tag}{i}"))
         procs.append(subprocess.Popen(cli_args(data, workdir), cwd=logs, env=env,
                                       stdout=open(logs / f"{tag}{i}.out", "w"),
                                       stderr=open(logs / f"{tag}{i}.err", "w")))
@@ -113,13 +117,27 @@ def test_two_processes_kill_resume_and_match_two_devices(tmp_path):
     out0, out1 = (logs / "b0.out").read_text(), (logs / "b1.out").read_text()
     assert "after epoch 1" in out0 and "resumed" in out0
     assert "epoch" not in out1  # logs are process 0's alone
+    # Each process read only its own part. 40 images = 32 train + 8 validation; the tiny config
+    # trains on the first 16 (train_limit): two device shards of 8 rows; validation halves of 4.
+    # Its cache holds exactly those ids, and no whole-folder entry.
+    assert "process 0/2: reads training rows [0, 8) of 16" in out0, out0
+    assert "validation rows [4, 8) of 8" in out1, out1
+    read = []
+    for i in range(2):
+        entries = list((logs / f"cacheb{i}" / "folder-part").glob("*.npz"))
+        ids = [str(x) for e in entries for x in np.load(e)["ids"]]
+        assert len(entries) == 2 and len(ids) == 8 + 4 == len(set(ids)), (i, entries)
+        assert not (logs / f"cacheb{i}" / "folder").exists()  # the whole folder never loaded
+        read.append(set(ids))
+    assert not read[0] & read[1] and len(read[0] | read[1]) == 24
     assert epochs_logged(run) == list(range(1, EPOCHS + 1))
     assert sorted(p.name for p in (run / "checkpoints" / "last").iterdir()) == [str(EPOCHS)]
     assert not list(run.glob(".*.tmp-*"))
 
     # 3. One process, two simulated devices, same global batches: the same losses.
     ref = tmp_path / "ref"
-    env = dict(base_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(base_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               UNETPP_JAX_CACHE=str(logs / "cache_ref"))
     out = subprocess.run(cli_args(data, ref), cwd=logs, env=env, capture_output=True, text=True,
                          timeout=LAUNCH_TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]

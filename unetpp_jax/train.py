@@ -5,10 +5,12 @@
   ``jax.sharding.Mesh`` of every device of every process (parameters replicated). jit's
   semantics are global, so BatchNorm sees the whole global batch: N devices give the same step
   as one, and N processes the same as one process with N devices.
-* Multi-process (``jax.distributed``): every process builds only its own rows of each global
-  batch (:func:`process_batches`) and the global batch is assembled with
-  ``jax.make_array_from_process_local_data``; validation is split across processes and the
-  per-image scores gathered, so every process picks the same best epoch. Checkpoints hold
+* Multi-process (``jax.distributed``): the training split is cut into one contiguous shard per
+  device and each process reads only its devices' shards (``data.sharding``: a split reader
+  decodes only those rows); it builds its rows of each global batch (:func:`process_batches`)
+  and the global batch is assembled with ``jax.make_array_from_process_local_data``. Each
+  process reads and scores an even part of the validation split and the scores are gathered,
+  so every process picks the same best epoch. Checkpoints hold
   global arrays only (orbax writes them once); logs, curves and ``config.json`` are written by
   process 0.
 * Orbax ``CheckpointManager``: ``<workdir>/checkpoints/last`` every epoch (resume point) and
@@ -50,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from unetpp_jax import metrics
-from unetpp_jax.data import pipeline
+from unetpp_jax.data import pipeline, sharding
 from unetpp_jax.evaluate import HeadScores, predict_split
 from unetpp_jax.data.normalization import UNETZOO_INPUT
 from unetpp_jax.files import write_bytes_atomic
@@ -271,10 +273,18 @@ def data_mesh() -> Mesh:
     """A 1-D mesh named 'data' over every device of every process, grouped by process.
 
     Process ``p``'s devices are contiguous, so its rows of a global batch are one contiguous
-    slice of it (:func:`process_batches`).
+    slice of it, and its device shards of the data one contiguous range (:func:`local_shards`).
     """
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devices), ("data",))
+
+
+def local_shards() -> tuple[int, list[int]]:
+    """``(D, shards)``: the number of data shards (one per device, every process) and this
+    process's shard indices (its devices' positions in :func:`data_mesh`)."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+    return len(devices), mine
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -299,32 +309,21 @@ def global_batch(local: dict, mesh: Mesh, batch_size: int) -> dict:
             for k, v in local.items()}
 
 
-def process_batches(split: pipeline.Split, batch_size: int, *, seed: int = 0, epoch: int = 0,
-                    shuffle: bool = True, augment: bool = False, process_index: int = 0,
-                    process_count: int = 1):
-    """This process's rows of every global batch of ``pipeline.batches`` (same order, same flips).
+def process_batches(local: pipeline.Split, batch_size: int, *, total: int, num_shards: int = 1,
+                    shards: Sequence[int] = (0,), seed: int = 0, epoch: int = 0,
+                    shuffle: bool = True, augment: bool = False):
+    """This process's rows of every global batch of one epoch, as model inputs.
 
-    The epoch's order and per-example transforms are drawn from ``(seed, epoch)`` exactly as
-    :func:`pipeline.batches` draws them; process ``i`` of ``n`` takes rows
-    ``[i * B/n, (i + 1) * B/n)`` of each global batch of ``B`` and indexes, augments and
-    normalizes only those examples. Concatenated over processes, the batches equal
-    ``pipeline.batches`` (tested).
+    ``total`` training examples are cut into ``num_shards`` device shards
+    (``data.sharding``); ``local`` holds the rows of this process's ``shards`` (all it reads).
+    Each shard is shuffled and augmented on its own from ``(seed, epoch, shard)``; with one
+    shard the batches are exactly ``pipeline.batches`` (tested). Binary splits give
+    ``{"image", "mask"}``, class splits (``ClassSplit``) ``{"image", "label"}``.
     """
-    if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    n = len(split)
-    per = batch_size // process_count
-    order = pipeline.epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle)
-    # pipeline.batches' augmentation stream: (seed, epoch, stream 1), one transform per position.
-    transforms = (np.random.default_rng([int(seed), int(epoch), 1]).integers(0, 8, size=n)
-                  if augment else None)
-    for start in range(0, n - n % batch_size, batch_size):
-        lo = start + process_index * per
-        idx = order[lo:lo + per]
-        images, masks = split.images[idx], split.masks[idx]
-        if transforms is not None:
-            images, masks = pipeline.augment_examples(images, masks, transforms[lo:lo + per])
-        if getattr(split, "num_classes", None):  # a ClassSplit: class indices
+    for images, masks in sharding.shard_batches(local, batch_size, total=total,
+                                                num_shards=num_shards, shards=shards, seed=seed,
+                                                epoch=epoch, shuffle=shuffle, augment=augment):
+        if getattr(local, "num_classes", None):  # a ClassSplit: class indices
             yield {"image": pipeline.normalize(images), "label": masks.astype(np.int32)}
         else:
             yield {"image": pipeline.normalize(images),
@@ -347,44 +346,61 @@ def local_copy(tree):
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
 
 
-def score_split(model, variables, split: pipeline.Split, *, batch_size: int = 16) -> HeadScores:
-    """Validation scores, the split shared across processes; every process gets the same result.
+def _gather_parts(part: np.ndarray, total: int) -> np.ndarray:
+    """Each process's ``(..., rows)`` part of a split of ``total`` rows (process ``q`` holds
+    ``sharding.even_part(total, q, P)``), concatenated in split order on every process. The
+    values travel as uint32 words: jax without x64 would round float64 to float32 on the way."""
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        return part
+    from jax.experimental import multihost_utils
 
-    Process ``i`` predicts a contiguous ``1/n`` of the images with its local copy of
-    ``variables``; the per-image IoU and Dice of every head are gathered from all processes
-    and averaged in split order, so the number equals ``evaluate.evaluate_split`` on one
-    process (inference treats images independently).
+    longest = -(-total // n_proc)
+    padded = np.zeros(part.shape[:-1] + (longest,), part.dtype)
+    padded[..., :part.shape[-1]] = part
+    words = np.asarray(multihost_utils.process_allgather(padded.view(np.uint32)))
+    gathered = np.ascontiguousarray(words).view(part.dtype)  # (n_proc, ..., longest)
+    sizes = [hi - lo for lo, hi in sharding.shard_bounds(total, n_proc)]
+    return np.concatenate([g[..., :k] for g, k in zip(gathered, sizes)], axis=-1)
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """``x`` (int64) summed over every process."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    words = np.asarray(multihost_utils.process_allgather(np.ascontiguousarray(x).view(np.uint32)))
+    return np.ascontiguousarray(words).view(np.int64).sum(axis=0)
+
+
+def score_split(model, variables, split: pipeline.Split, *, batch_size: int = 16,
+                total: int | None = None) -> HeadScores:
+    """Validation scores; every process gets the same result.
+
+    In a multi-process run ``split`` is this process's part of a validation split of ``total``
+    images (``sharding.even_part(total, process, processes)``: all it reads); each process
+    predicts its part with its local copy of ``variables``. Binary models: the per-image IoU
+    and Dice of every head are gathered and averaged in split order, so the number equals
+    ``evaluate.evaluate_split`` on one process. Multi-class models: :func:`score_classes`.
     """
+    total = len(split) if total is None else total
     if getattr(split, "num_classes", None):
         return score_classes(model, local_copy(variables), split, batch_size=batch_size)
-    n_proc, pid = jax.process_count(), jax.process_index()
-    n = len(split)
-    if n < n_proc:
-        raise ValueError(f"{n} validation images cannot be split over {n_proc} processes")
-    per = -(-n // n_proc)
-    lo, hi = min(pid * per, n), min((pid + 1) * per, n)
-    probs = predict_split(model, local_copy(variables), split.images[lo:hi], batch_size=batch_size)
-    masks = split.masks[lo:hi]
-    scores = np.stack([[metrics.per_image_iou(p, masks) for p in probs],
-                       [metrics.per_image_dice(p, masks) for p in probs]])  # (2, heads, hi - lo)
-    if n_proc > 1:
-        from jax.experimental import multihost_utils
-
-        padded = np.full(scores.shape[:2] + (per,), np.nan)
-        padded[..., :hi - lo] = scores
-        # As uint32 words: jax (without x64) would round float64 to float32 on the way.
-        words = np.asarray(multihost_utils.process_allgather(padded.view(np.uint32)))
-        gathered = np.ascontiguousarray(words).view(np.float64)  # (n_proc, 2, heads, per)
-        scores = np.concatenate(list(gathered), axis=-1)[..., :n]
+    probs = predict_split(model, local_copy(variables), split.images, batch_size=batch_size)
+    scores = np.stack([[metrics.per_image_iou(p, split.masks) for p in probs],
+                       [metrics.per_image_dice(p, split.masks) for p in probs]])  # (2, heads, n)
+    scores = _gather_parts(scores.astype(np.float64), total)
     return HeadScores([100.0 * float(v.mean()) for v in scores[0]],
                       [100.0 * float(v.mean()) for v in scores[1]])
 
 
 def score_classes(model, variables, split, *, batch_size: int = 16) -> HeadScores:
-    """Validation of a multi-class model on a ``ClassSplit``: per head, the mean of the per-class
-    IoUs from one confusion matrix pooled over all pixels (``metrics.class_metrics``) in the
-    ``miou`` slot and the pixel accuracy in the ``dice`` slot, x100. Every process scores the
-    whole split (the class metric pools pixels, so it is not an average of per-image scores)."""
+    """Validation of a multi-class model on a ``ClassSplit`` (this process's part of it): per
+    head, the mean of the per-class IoUs from one confusion matrix pooled over all pixels of
+    every process (``metrics.class_iou``) in the ``miou`` slot and the pixel accuracy in the
+    ``dice`` slot, x100. The class metric pools pixels, so the processes add their confusion
+    matrices rather than average per-image scores."""
     from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
 
     f = predict_fn(model)
@@ -398,13 +414,12 @@ def score_classes(model, variables, split, *, batch_size: int = 16) -> HeadScore
         out = f(folded, pipeline.normalize(chunk))
         out = out if isinstance(out, tuple) else (out,)
         heads.append([np.argmax(np.asarray(h)[:batch_size - pad], axis=-1) for h in out])
-    mious, accs = [], []
-    for k in range(len(heads[0])):
-        pred = np.concatenate([b[k] for b in heads])
-        m = metrics.class_metrics(pred, split.masks, split.num_classes)
-        mious.append(100.0 * m["miou_classes"])
-        accs.append(100.0 * m["pixel_accuracy"])
-    return HeadScores(mious, accs)
+    cms = np.stack([metrics.class_confusion_matrix(np.concatenate([b[k] for b in heads]),
+                                                   split.masks, split.num_classes)
+                    for k in range(len(heads[0]))]).astype(np.int64)
+    cms = _sum_over_processes(cms)
+    return HeadScores([100.0 * metrics.miou_classes(cm) for cm in cms],
+                      [100.0 * metrics.pixel_accuracy(cm) for cm in cms])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +438,10 @@ class WorkdirLockedError(TrainingError):
     pass
 
 
+class DataError(TrainingError):
+    """The data cannot be read or does not fit the config (the message names the file or field)."""
+
+
 class StorageError(TrainingError):
     """Writing a checkpoint or a log failed (full disk, quota, read-only, I/O error)."""
 
@@ -436,6 +455,16 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _processes_failing(failed: bool) -> list[int]:
+    """The indices of the processes that report ``failed`` (every process learns them all)."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(failed))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
 
 
 def _all_agree(ok: bool) -> bool:
@@ -657,15 +686,18 @@ def _check_config(workdir: Path, cfg: TrainConfig) -> bool:
 # The loop
 
 
-def train(cfg: TrainConfig, workdir, train_split: pipeline.Split, val_split: pipeline.Split,
-          *, progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+def train(cfg: TrainConfig, workdir, train_split, val_split, *, progress: bool = True,
+          stop_after_epochs: int | None = None) -> dict:
     """Train (or resume) ``cfg`` in ``workdir``; returns a summary of the best epoch.
 
+    ``train_split`` and ``val_split``: a ``pipeline.Split`` in memory or a split reader
+    (``data.registry.open_dataset``), from which this process reads only its own rows.
     ``stop_after_epochs`` ends this call after that many epochs even if the run is not
     finished (a later call resumes) — used by tests and for running in slices.
 
-    In a multi-process run every process calls this with the same arguments (and the same
-    splits); each uses only its own rows of every batch and its share of the validation split.
+    In a multi-process run every process calls this with the same arguments; each reads only
+    the rows of its devices' shards of the training split and its even part of the validation
+    split (module doc), and the validation scores are gathered.
 
     Raises :class:`WorkdirLockedError` if another training holds ``workdir`` and
     :class:`StorageError` if a checkpoint or log cannot be written (the previous checkpoint
@@ -695,6 +727,45 @@ def train(cfg: TrainConfig, workdir, train_split: pipeline.Split, val_split: pip
         lock.release()
 
 
+def _read_local_data(cfg, train_data, val_data):
+    """This process's part of the data (``data.sharding``): the rows of its devices' shards of
+    the training split and an even part of the validation split -- all it reads."""
+    n_proc, pid = jax.process_count(), jax.process_index()
+    train_reader, val_reader = sharding.as_reader(train_data), sharding.as_reader(val_data)
+    n_train, n_val = len(train_reader), len(val_reader)
+    if cfg.train_limit:
+        n_train = min(cfg.train_limit, n_train)
+    if cfg.val_limit:
+        n_val = min(cfg.val_limit, n_val)
+    num_shards, shards = local_shards()
+    if cfg.batch_size % num_shards:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the "
+                         f"{num_shards} devices")
+    steps_per_epoch = sharding.shard_steps(n_train, cfg.batch_size, num_shards)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_train} training examples make no batch of {cfg.batch_size}"
+                         + (f" over {num_shards} devices" if num_shards > 1 else ""))
+    if n_val < n_proc:
+        raise ValueError(f"{n_val} validation images cannot be split over {n_proc} processes")
+    bounds = sharding.shard_bounds(n_train, num_shards)
+    train_rows = (bounds[shards[0]][0], bounds[shards[-1]][1])
+    val_rows = sharding.even_part(n_val, pid, n_proc)
+    if n_proc > 1:
+        print(f"process {pid}/{n_proc}: reads training rows [{train_rows[0]}, {train_rows[1]}) "
+              f"of {n_train} (device shards {shards[0]}-{shards[-1]} of {num_shards}) and "
+              f"validation rows [{val_rows[0]}, {val_rows[1]}) of {n_val}", flush=True)
+    train_split = train_reader.read(*train_rows)
+    val_split = val_reader.read(*val_rows)
+    for data in (train_split, val_split):
+        data_classes = getattr(data, "num_classes", None) or 1
+        if data_classes != cfg.num_classes:
+            raise ValueError(f"the data has {data_classes} class(es) and the config trains "
+                             f"num_classes={cfg.num_classes}; pass --set num_classes={data_classes}")
+    return train_split, val_split, n_train, n_val, num_shards, shards, steps_per_epoch
+
+
 def _train_locked(cfg, workdir: Path, train_split, val_split, *, progress, stop_after_epochs):
     primary = _is_primary()
     n_proc, pid = jax.process_count(), jax.process_index()
@@ -710,22 +781,18 @@ def _train_locked(cfg, workdir: Path, train_split, val_split, *, progress, stop_
             say(f"resume: {note}", flush=True)
     _barrier("unetpp_train_repaired")
 
-    data_classes = getattr(train_split, "num_classes", None) or 1
-    if data_classes != cfg.num_classes:
-        raise ValueError(f"the data has {data_classes} class(es) and the config trains "
-                         f"num_classes={cfg.num_classes}; pass --set num_classes={data_classes}")
-    if cfg.train_limit:
-        train_split = train_split.take(range(min(cfg.train_limit, len(train_split))))
-    if cfg.val_limit:
-        val_split = val_split.take(range(min(cfg.val_limit, len(val_split))))
-    if cfg.batch_size % jax.device_count():
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the "
-                         f"{jax.device_count()} devices")
-    steps_per_epoch = pipeline.num_batches(len(train_split), cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_split)} training examples make no batch of {cfg.batch_size}")
+    error = None
+    try:
+        data = _read_local_data(cfg, train_split, val_split)
+    except (ValueError, OSError) as e:  # a data or config problem: one line for the user
+        error = e
+    failed = _processes_failing(error is not None)
+    if error is not None:
+        raise DataError(str(error)) from error
+    if failed:
+        raise DataError(f"process {failed[0]} could not read its part of the data (its message "
+                        "says why); no process trains")
+    train_split, val_split, n_train, n_val, num_shards, shards, steps_per_epoch = data
 
     mesh = data_mesh()
     model, state = create_state(cfg, steps_per_epoch)
@@ -754,9 +821,9 @@ def _train_locked(cfg, workdir: Path, train_split, val_split, *, progress, stop_
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
             break
         t0 = time.perf_counter()
-        it = process_batches(train_split, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                             shuffle=cfg.shuffle, augment=cfg.augment, process_index=pid,
-                             process_count=n_proc)
+        it = process_batches(train_split, cfg.batch_size, total=n_train, num_shards=num_shards,
+                             shards=shards, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
+                             augment=cfg.augment)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not (progress and primary), dynamic_ncols=True)
         losses = []
@@ -775,7 +842,8 @@ def _train_locked(cfg, workdir: Path, train_split, val_split, *, progress, stop_
         bar.close()
         train_s = time.perf_counter() - t0
         candidates = state.candidate_variables()
-        scored = {name: score_split(model, v, val_split, batch_size=cfg.eval_batch_size)
+        scored = {name: score_split(model, v, val_split, batch_size=cfg.eval_batch_size,
+                                    total=n_val)
                   for name, v in candidates.items()}
         chosen = max(scored, key=lambda name: scored[name].miou)  # ties: the first, raw
         scores = scored[chosen]

@@ -27,7 +27,7 @@ from unetpp_jax.data.preprocess import (
     resize_linear_uint8,
 )
 from unetpp_jax.data.normalization import IMAGENET_RGB_INPUT, UNETZOO_INPUT, InputSpec
-from unetpp_jax.data.registry import DATASETS, get_dataset, load_dataset
+from unetpp_jax.data.registry import DATASETS, get_dataset, load_dataset, open_dataset
 from unetpp_jax.data.split import FIRST_VAL_ID_PREFIX, split_ids
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "UNETZOO_INPUT",
     "get_dataset",
     "load_dataset",
+    "open_dataset",
     "FIRST_VAL_ID_PREFIX",
     "PreprocessError",
     "Split",

@@ -49,8 +49,8 @@ from unetpp_jax.data.images import is_image_name, read_image_bgr_any
 from unetpp_jax.data.pipeline import Split
 from unetpp_jax.data.preprocess import PreprocessError, resize_linear, resize_linear_uint8
 
-__all__ = ["FolderError", "is_dsb2018_folder", "load_folder", "recognizes", "scan_folder",
-           "select_ids"]
+__all__ = ["FolderError", "FolderReader", "is_dsb2018_folder", "load_folder", "open_folder",
+           "recognizes", "scan_folder", "select_ids"]
 
 #: sha256 of the 670 stage1_train ids, sorted and joined with "\n".
 _DSB2018_IDS_SHA256 = "05631ef93477073a4f4adeb954e49671874eb8cef17978948f0647d3660f0857"
@@ -282,12 +282,13 @@ def _decide_classes(layout: dict, sets: list[set], ids: list[str], num_classes) 
     return top + 1
 
 
-def _preprocess(layout: dict, size: int, num_classes, progress: bool):
-    """Every example at ``size``. Full-resolution masks are not kept: each file gives its value
-    set, its soft mask (if it is binary) and its resized label map (if its values can be labels);
-    the dataset-wide decision (binary or C classes) then picks one. Resizing a label map with its
-    own max+1 planes gives the argmax of the dataset's C planes (absent planes stay 0)."""
-    ids = sorted(layout["images"])
+def _preprocess(layout: dict, size: int, num_classes, progress: bool, ids=None):
+    """Every example (or those of ``ids``) at ``size``. Full-resolution masks are not kept: each
+    file gives its value set, its soft mask (if it is binary) and its resized label map (if its
+    values can be labels); the decision over these examples (binary or C classes) then picks one.
+    Resizing a label map with its own max+1 planes gives the argmax of the dataset's C planes
+    (absent planes stay 0)."""
+    ids = sorted(layout["images"]) if ids is None else list(ids)
     it = ids
     if progress:
         from tqdm.auto import tqdm
@@ -310,6 +311,26 @@ def _preprocess(layout: dict, size: int, num_classes, progress: bool):
     return np.stack(images), np.stack(masks), ids, n_classes
 
 
+def _check_source(source, size) -> Path:
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    return folder
+
+
+def _mask_files(layout: dict, ids) -> list[Path]:
+    masks = layout["masks"]
+    return [m[i] for m in (masks if isinstance(masks, list) else [masks]) for i in ids]
+
+
+def _make_split(images, masks, ids, n_classes) -> Split:
+    if n_classes == 2:
+        return Split(images, masks, list(ids))
+    return ClassSplit(images, masks, list(ids), n_classes)
+
+
 def load_folder(source, split: str = "validation", size: int = 96, *, progress: bool = True,
                 val_fraction: float = 0.2, seed: int = 41, ids=None, num_classes: int | None = None,
                 cache: bool = True):
@@ -326,16 +347,9 @@ def load_folder(source, split: str = "validation", size: int = 96, *, progress: 
         never occurs); None infers it.
       cache: read/write the preprocessed arrays in the cache (``$UNETPP_JAX_CACHE``).
     """
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    folder = _check_source(source, size)
     layout = scan_folder(folder)
-    files = list(layout["images"].values())
-    masks = layout["masks"]
-    for m in (masks if isinstance(masks, list) else [masks]):
-        files += list(m.values())
+    files = list(layout["images"].values()) + _mask_files(layout, sorted(layout["images"]))
     settings = {"size": int(size), "layout": layout["layout"], "classes": layout["classes"],
                 "num_classes": num_classes, "root": str(folder.absolute())}
     key = _cache.cache_key("folder", settings, _cache.file_signature(sorted(files)))
@@ -352,6 +366,62 @@ def load_folder(source, split: str = "validation", size: int = 96, *, progress: 
                         where=str(folder))
     index = {image_id: i for i, image_id in enumerate(all_ids)}
     idx = np.array([index[i] for i in chosen], np.int64)
-    if n_classes == 2:
-        return Split(images[idx], masks_arr[idx], chosen)
-    return ClassSplit(images[idx], masks_arr[idx], chosen, n_classes)
+    return _make_split(images[idx], masks_arr[idx], chosen, n_classes)
+
+
+class FolderReader:
+    """A folder dataset's split read in parts (``data.sharding.SplitReader``).
+
+    The ids come from the file listing (nothing decoded). ``read(start, stop)`` of the whole
+    split is :func:`load_folder` (the whole folder preprocessed once and cached, the binary/class
+    decision taken over every mask). A part reads and preprocesses only its own files (cached per
+    part) and decides binary or C classes from its own masks -- or from ``num_classes``, which
+    multi-process training passes (the model's class count), so every process decides alike.
+    """
+
+    def __init__(self, source, split: str = "validation", size: int = 96, *, progress: bool = True,
+                 val_fraction: float = 0.2, seed: int = 41, ids=None,
+                 num_classes: int | None = None, cache: bool = True):
+        self.folder = _check_source(source, size)
+        self.layout = scan_folder(self.folder)
+        self.ids = select_ids(sorted(self.layout["images"]), split, val_fraction=val_fraction,
+                              seed=seed, ids=ids, where=str(self.folder))
+        self._whole = dict(source=source, split=split, size=size, progress=progress,
+                           val_fraction=val_fraction, seed=seed, ids=ids,
+                           num_classes=num_classes, cache=cache)
+        self.size, self.num_classes, self.cache, self.progress = (int(size), num_classes, cache,
+                                                                  progress)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, start: int, stop: int):
+        from unetpp_jax.data.sharding import check_range
+
+        check_range(len(self.ids), start, stop)
+        if (start, stop) == (0, len(self.ids)):
+            return load_folder(**self._whole)
+        if start == stop:
+            raise ValueError(f"{self.folder}: an empty part [{start}, {stop}) has no masks to "
+                             "decide binary or classes from")
+        part = self.ids[start:stop]
+        files = ([self.layout["images"][i] for i in part] + _mask_files(self.layout, part))
+        settings = {"size": self.size, "layout": self.layout["layout"],
+                    "classes": self.layout["classes"], "num_classes": self.num_classes,
+                    "root": str(self.folder.absolute()), "ids": part}
+        key = _cache.cache_key("folder-part", settings, _cache.file_signature(files))
+        entry = _cache.load("folder-part", key) if self.cache else None
+        if entry is not None:
+            return _make_split(entry["images"], entry["masks"], part, int(entry["num_classes"]))
+        images, masks, _, n_classes = _preprocess(self.layout, self.size, self.num_classes,
+                                                  self.progress, ids=part)
+        if self.cache:
+            _cache.save("folder-part", key, {"images": images, "masks": masks,
+                                             "ids": np.array(part),
+                                             "num_classes": np.int64(n_classes)})
+        return _make_split(images, masks, part, n_classes)
+
+
+def open_folder(source, split: str = "validation", size: int = 96, **options) -> FolderReader:
+    """:func:`load_folder`'s split as a :class:`FolderReader` (same options)."""
+    return FolderReader(source, split, size, **options)

@@ -14,12 +14,13 @@ functions of ``(seed, epoch)``, so a resumed run sees exactly the batches it wou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,9 @@ __all__ = [
     "load_folder_split",
     "load_split",
     "load_tfds_split",
+    "open_folder_split",
+    "open_split",
+    "open_tfds_split",
     "normalize",
     "num_batches",
     "write_bundle",
@@ -142,6 +146,14 @@ def load_split(source=None, split: str = "validation", size: int = 96, *, progre
       size: image side; must match what a preprocessed source holds.
       progress: show a tqdm bar while preprocessing raw data.
     """
+    reader = open_split(source, split, size, progress=progress)
+    return reader.read(0, len(reader))
+
+
+def open_split(source=None, split: str = "validation", size: int = 96, *, progress: bool = True):
+    """The split of :func:`load_split` as a reader (``data.sharding.SplitReader``): its length
+    and ids come from file names or the TFDS metadata; ``read(start, stop)`` reads, decodes and
+    preprocesses only those examples (what each process of a multi-host training does)."""
     split = _check_split_name(split)
     if source is None:
         if size != BUNDLED_SIZE:
@@ -150,28 +162,48 @@ def load_split(source=None, split: str = "validation", size: int = 96, *, progre
         if split != "validation":
             raise ValueError("the bundled data is the validation split only; for 'train' pass source= "
                              "the raw stage1_train folder/zip or a built TFDS data_dir")
-        return load_folder_split(bundled_path(), split, size)
+        return open_folder_split(bundled_path(), split, size)
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; pass a stage1_train folder or zip, a "
                                 "preprocessed images/+masks/ folder, or a TFDS data_dir (see the README, section Data)")
     if path.is_dir() and (path / "images").is_dir():
-        return load_folder_split(path, split, size)
+        return open_folder_split(path, split, size)
     if path.is_dir() and (path / "dsb2018" / str(size)).is_dir():
-        return load_tfds_split(path, split, size)
+        return open_tfds_split(path, split, size)
     with Stage1Train(path) as raw:
-        return _preprocess_split(raw, split, size, progress=progress)
+        train, val = split_ids(raw.ids)
+    return _IdReader(val if split == "validation" else train,
+                     functools.partial(_preprocess_ids, path, size, split, progress))
 
 
-def _preprocess_split(raw: Stage1Train, split: str, size: int, *, progress: bool) -> Split:
-    train, val = split_ids(raw.ids)
-    ids = val if split == "validation" else train
-    it = ids
-    if progress:
-        from tqdm.auto import tqdm
+@dataclasses.dataclass(frozen=True)
+class _IdReader:
+    """A split known by its ids; ``read`` hands the ids of ``[start, stop)`` to ``fetch``, which
+    returns their ``(image, mask)`` examples."""
 
-        it = tqdm(ids, desc=f"preprocessing {split} at {size}px", unit="img")
-    return _stack([raw.preprocess(i, size) for i in it], ids)
+    ids: list[str]
+    fetch: Callable[[list[str]], list]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, start: int, stop: int) -> Split:
+        from unetpp_jax.data.sharding import check_range
+
+        check_range(len(self.ids), start, stop)
+        ids = self.ids[start:stop]
+        return _stack(self.fetch(ids), ids)
+
+
+def _preprocess_ids(path, size: int, split: str, progress: bool, ids: list[str]) -> list:
+    with Stage1Train(path) as raw:
+        it = ids
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(ids, desc=f"preprocessing {split} at {size}px", unit="img")
+        return [raw.preprocess(i, size) for i in it]
 
 
 def load_folder_split(folder, split: str = "validation", size: int = 96) -> Split:
@@ -182,6 +214,12 @@ def load_folder_split(folder, split: str = "validation", size: int = 96) -> Spli
     the 134 reference validation ids, the folder *is* the validation split (in reference order);
     otherwise the split rule is applied to its ids (with a warning unless there are 670 of them).
     """
+    reader = open_folder_split(folder, split, size)
+    return reader.read(0, len(reader))
+
+
+def open_folder_split(folder, split: str = "validation", size: int = 96):
+    """:func:`load_folder_split` as a reader: ids from the file names, PNGs decoded on ``read``."""
     split = _check_split_name(split)
     folder = Path(folder)
     image_dir = folder / "images"
@@ -198,6 +236,10 @@ def load_folder_split(folder, split: str = "validation", size: int = 96) -> Spli
     if not all_ids:
         raise PreprocessError(f"{image_dir}: holds no .png images; the folder is empty or not preprocessed")
     ids = _folder_split_ids(folder, all_ids, split)
+    return _IdReader(ids, functools.partial(_read_folder_examples, image_dir, mask_dir, size))
+
+
+def _read_folder_examples(image_dir: Path, mask_dir: Path, size: int, ids: list[str]) -> list:
     examples = []
     for image_id in ids:
         image_path, mask_path = image_dir / f"{image_id}.png", mask_dir / f"{image_id}.png"
@@ -210,7 +252,7 @@ def load_folder_split(folder, split: str = "validation", size: int = 96) -> Spli
                                   f"{mask.shape[1]}x{mask.shape[0]}, but size={size} was asked; pass the "
                                   "folder's own size or preprocess the raw data at this size")
         examples.append((image, mask))
-    return _stack(examples, ids)
+    return examples
 
 
 def _folder_split_ids(folder: Path, all_ids: list[str], split: str) -> list[str]:
@@ -225,7 +267,7 @@ def _folder_split_ids(folder: Path, all_ids: list[str], split: str) -> list[str]
         return reference_val
     if len(all_ids) != 670:
         warnings.warn(f"{folder}: holds {len(all_ids)} images, not the 670 of stage1_train; the split rule "
-                      "on these ids does not give the reference split", stacklevel=3)
+                      "on these ids does not give the reference split", stacklevel=4)
     train, val = split_ids(all_ids)
     return val if split == "validation" else train
 
@@ -235,6 +277,37 @@ def load_tfds_split(data_dir, split: str = "validation", size: int = 96) -> Spli
 
     The records hold RGB PNGs; they are returned as BGR, like every other source.
     """
+    reader = open_tfds_split(data_dir, split, size)
+    return reader.read(0, len(reader))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsReader:
+    """A built ``dsb2018/<size>`` split through ``tfds.data_source`` (array_record, random
+    access): ``read`` fetches only the records asked for."""
+
+    source: object
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, start: int, stop: int) -> Split:
+        from unetpp_jax.data.sharding import check_range
+
+        check_range(len(self), start, stop)
+        s = self.size
+        records = self.source.__getitems__(list(range(start, stop))) if stop > start else []
+        if not records:
+            return Split(np.zeros((0, s, s, 3), np.uint8), np.zeros((0, s, s), np.uint8), [])
+        images = np.stack([r["image"][..., ::-1] for r in records])
+        masks = np.stack([r["mask"][..., 0] for r in records])
+        ids = [r["id"].decode() if isinstance(r["id"], bytes) else str(r["id"]) for r in records]
+        return Split(np.ascontiguousarray(images), masks, ids)
+
+
+def open_tfds_split(data_dir, split: str = "validation", size: int = 96) -> _TfdsReader:
+    """:func:`load_tfds_split` as a reader (records fetched by index on ``read``)."""
     split = _check_split_name(split)
     from unetpp_jax.data.dsb2018 import Dsb2018
 
@@ -244,13 +317,7 @@ def load_tfds_split(data_dir, split: str = "validation", size: int = 96) -> Spli
             f"{data_dir}: dsb2018/{size} is not built there; build it with "
             f"python -m experiments.build_data --source path/to/stage1_train.zip --data-dir {data_dir} "
             f"--size {size}")
-    source = builder.as_data_source(split=split)
-    n = len(source)
-    records = source.__getitems__(list(range(n))) if n else []
-    images = np.stack([r["image"][..., ::-1] for r in records]) if n else np.zeros((0, size, size, 3), np.uint8)
-    masks = np.stack([r["mask"][..., 0] for r in records]) if n else np.zeros((0, size, size), np.uint8)
-    ids = [r["id"].decode() if isinstance(r["id"], bytes) else str(r["id"]) for r in records]
-    return Split(np.ascontiguousarray(images), masks, ids)
+    return _TfdsReader(builder.as_data_source(split=split), size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +390,7 @@ def write_bundle(source, folder=None, *, command: str = "python -m experiments.b
     folder = Path(folder) if folder is not None else bundled_path()
     with Stage1Train(source) as raw:
         n_raw = len(raw)
-        split = _preprocess_split(raw, "validation", BUNDLED_SIZE, progress=True)
+    split = load_split(source, "validation", BUNDLED_SIZE, progress=True)
     staging = folder.with_name(folder.name + ".new")
     if staging.exists():
         shutil.rmtree(staging)

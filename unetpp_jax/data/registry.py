@@ -3,7 +3,10 @@
 A dataset is a :class:`Dataset`: ``load(source, split, size, progress=...)`` returns a
 ``pipeline.Split`` (uint8 images in BGR order, uint8 masks, ids), and ``recognizes(path)`` says
 whether a source on disk looks like it, so ``--data PATH`` works without naming the dataset.
-Evaluation, training and calibration all read data through :func:`load_dataset`.
+Evaluation and calibration read data through :func:`load_dataset`. Training reads through
+:func:`open_dataset`: a reader that reads only the rows asked for (``data.sharding``), so each
+process of a multi-host run reads only its own part; a dataset without ``open`` is loaded whole
+and sliced.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class Dataset:
     summary: str
     load: Callable[..., "pipeline.Split"]
     recognizes: Callable[[Path], bool]
+    open: Callable[..., object] | None = None  # same arguments as load -> a SplitReader
 
 
 def _is_dsb2018(path: Path) -> bool:
@@ -33,6 +37,12 @@ def _load_folder(source, split="validation", size=96, *, progress=True, **option
     from unetpp_jax.data.folder import load_folder
 
     return load_folder(source, split, size, progress=progress, **options)
+
+
+def _open_folder(source, split="validation", size=96, *, progress=True, **options):
+    from unetpp_jax.data.folder import open_folder
+
+    return open_folder(source, split, size, progress=progress, **options)
 
 
 def _is_folder(path: Path) -> bool:
@@ -55,7 +65,7 @@ DATASETS: dict[str, Dataset] = {
         "folder", "your own images/<id>.* + masks/<id>.* (binary 0/255 or 0/1, or class "
         "indices) or masks/<class>/<id>.png; any sizes; split all/train/validation by a seeded "
         "val_fraction or an id list (data/folder.py)",
-        _load_folder, _is_folder),
+        _load_folder, _is_folder, _open_folder),
     "dsb2018-3class": Dataset(
         "dsb2018-3class", "DSB2018 stage1_train (raw folder or zip) as background / nucleus "
         "interior / nucleus boundary (data/dsb2018_classes.py); by name only",
@@ -63,7 +73,7 @@ DATASETS: dict[str, Dataset] = {
     "dsb2018": Dataset(
         "dsb2018", "DSB2018 stage1_train (raw folder or zip, preprocessed folder, TFDS build; "
         "bundled 96x96 validation split by default), UNET-ZOO's split",
-        pipeline.load_split, _is_dsb2018),
+        pipeline.load_split, _is_dsb2018, pipeline.open_split),
 }
 DEFAULT_DATASET = "dsb2018"
 
@@ -75,16 +85,38 @@ def get_dataset(name: str) -> Dataset:
         raise ValueError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}") from None
 
 
+def resolve_dataset(source=None, dataset: str | None = None) -> str:
+    """The dataset name: ``dataset`` if given, else the first registered dataset that recognizes
+    ``source`` (the default dataset when ``source`` is None or nothing claims it)."""
+    if dataset is not None:
+        get_dataset(dataset)
+        return dataset
+    if source is not None:
+        path = Path(source).expanduser()
+        found = [d for d in DATASETS.values() if path.exists() and d.recognizes(path)]
+        if found:
+            return found[0].name
+    return DEFAULT_DATASET
+
+
 def load_dataset(source=None, split: str = "validation", size: int = 96, *,
                  dataset: str | None = None, progress: bool = True, **options) -> "pipeline.Split":
     """One split of ``dataset`` (by name), or of the first registered dataset that recognizes
     ``source`` (the default dataset's bundled data when ``source`` is None). ``options`` go to
     the dataset's loader (folder: ``val_fraction``, ``seed``, ``ids``, ``num_classes``,
     ``cache``; dsb2018-3class: ``band``, ``cache``)."""
-    if dataset is None:
-        dataset = DEFAULT_DATASET
-        if source is not None:
-            path = Path(source).expanduser()
-            found = [d for d in DATASETS.values() if path.exists() and d.recognizes(path)]
-            dataset = found[0].name if found else DEFAULT_DATASET
-    return get_dataset(dataset).load(source, split, size, progress=progress, **options)
+    entry = get_dataset(resolve_dataset(source, dataset))
+    return entry.load(source, split, size, progress=progress, **options)
+
+
+def open_dataset(source=None, split: str = "validation", size: int = 96, *,
+                 dataset: str | None = None, progress: bool = True, **options):
+    """:func:`load_dataset`'s split as a ``data.sharding.SplitReader``: ``len`` without
+    decoding, ``read(start, stop)`` reading only those examples (a dataset without a reader is
+    loaded whole here and sliced)."""
+    from unetpp_jax.data.sharding import InMemoryReader
+
+    entry = get_dataset(resolve_dataset(source, dataset))
+    if entry.open is None:
+        return InMemoryReader(entry.load(source, split, size, progress=progress, **options))
+    return entry.open(source, split, size, progress=progress, **options)
