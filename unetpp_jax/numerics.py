@@ -33,6 +33,7 @@ from typing import ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 
+from unetpp_jax import fastconv
 from unetpp_jax.layers import ROLE_INPUT, ROLE_NODE, ConvInput, concat_parts, conv2d, map_parts
 
 Array = jax.Array
@@ -95,17 +96,43 @@ def read_scale(module, site: str) -> Array:
     return scale
 
 
+FASTCONV_COLLECTION = "fastconv"  # Winograd-transformed kernels, a pytree mirroring 'params'
+
+
 @dataclasses.dataclass(frozen=True)
 class Float32:
-    """Plain float32 inference: the default."""
+    """Plain float32 inference: the default.
+
+    ``conv_impl`` says how its convolutions run (``unetpp_jax.fastconv``): ``'auto'`` (default:
+    Winograd F(4x4,3x3) for the 3x3 convs where it is faster on the CPU backend, XLA's
+    convolution elsewhere and on GPU/TPU), ``'xla'`` (always XLA's convolution: the reference),
+    ``'winograd4'`` or ``'winograd2'`` (every 3x3 stride-1 conv). Winograd kernels prepared once
+    (:func:`prepare_variables`, collection ``'fastconv'``) are used when present.
+    """
 
     name: ClassVar[str] = "fp32"
     summary: ClassVar[str] = "float32"
     needs_calibration: ClassVar[bool] = False
+    conv_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.conv_impl not in fastconv.IMPLS:
+            raise ValueError(f"conv_impl must be one of {fastconv.IMPLS}, got {self.conv_impl!r}")
 
     def conv(self, module, name, x, kernel, bias, role, *, stride=1, padding=None):
-        del module, name, role
-        return conv2d(x, kernel, bias, stride=stride, padding=padding)
+        del role
+        if self.conv_impl == "xla":
+            return conv2d(x, kernel, bias, stride=stride, padding=padding)
+        return fastconv.conv2d(x, kernel, bias, impl=self.conv_impl, stride=stride,
+                               padding=padding,
+                               transformed=module.get_variable(FASTCONV_COLLECTION, name))
+
+    def winograd_tile(self) -> int | None:
+        """The tile size m whose transformed kernels :func:`prepare_variables` computes once
+        (None: this numerics runs no Winograd conv on this backend)."""
+        if self.conv_impl == "auto":
+            return 4 if jax.default_backend() == "cpu" else None
+        return fastconv.TILE.get(self.conv_impl)
 
 
 EXECUTIONS = ("emulated", "native")  # how fp16 / bf16 / int8 convolutions are executed
@@ -357,6 +384,22 @@ def quantized_weight_tree(params) -> dict:
     return tree
 
 
+def winograd_kernel_tree(params, m: int = 4) -> dict:
+    """A ``'fastconv'``-collection tree with the Winograd-transformed kernel
+    (``fastconv.transform_kernel``, float64 on the host, rounded once) of every 3x3 conv of
+    ``params``, under the conv's name, mirroring ``params``. ``params`` must be BatchNorm-folded
+    (the kernels the convs really use)."""
+    tree: dict = {}
+    for path, name, kernel in _kernels(params):
+        if tuple(kernel.shape[:2]) != (3, 3):
+            continue
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node[name] = fastconv.transform_kernel(kernel, m)
+    return tree
+
+
 def merge_trees(a, b) -> dict:
     """Nested dicts ``a`` and ``b`` merged (``b`` wins on a leaf both hold)."""
     out = dict(a)
@@ -368,12 +411,18 @@ def merge_trees(a, b) -> dict:
 
 def prepare_variables(numerics, variables):
     """Variables as ``numerics`` runs them, computed once per checkpoint rather than in every
-    call (as ``inference.fold_batchnorm_variables`` folds BatchNorm once): BatchNorm folded and,
-    for native int8, every conv's int8 kernel and per-channel scales added to the ``'quant'``
-    collection (:func:`quantized_weight_tree`; the float kernels stay, for ``keep_float``)."""
+    call (as ``inference.fold_batchnorm_variables`` folds BatchNorm once): BatchNorm folded; for
+    float32 running Winograd convs (:meth:`Float32.winograd_tile`), every 3x3 kernel's transform
+    in the ``'fastconv'`` collection (:func:`winograd_kernel_tree`); for native int8, every
+    conv's int8 kernel and per-channel scales added to the ``'quant'`` collection
+    (:func:`quantized_weight_tree`; the float kernels stay, for ``keep_float``)."""
     from unetpp_jax.inference import fold_batchnorm_variables
 
     variables = fold_batchnorm_variables(variables)
+    tile = numerics.winograd_tile() if isinstance(numerics, Float32) else None
+    if tile is not None:
+        variables = {**variables, FASTCONV_COLLECTION: winograd_kernel_tree(variables["params"],
+                                                                            tile)}
     if isinstance(numerics, Int8) and numerics.execution == "native":
         weights = quantized_weight_tree(variables["params"])
         variables = {**variables, QUANT_COLLECTION: merge_trees(
