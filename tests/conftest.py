@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+# One persistent XLA compilation cache for the test session, set before anything imports jax:
+# both pytest-xdist workers and every subprocess a test starts (training CLIs, kill -9 runs)
+# inherit it, so a program compiled once (the tiny training step, the bundled model's forward)
+# is loaded, not compiled again, by the next process that needs it. Only programs that took
+# over half a second to compile are stored. (jax falls back to compiling when an entry cannot
+# be read.) Set JAX_COMPILATION_CACHE_DIR yourself to use another folder.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")
