@@ -1,4 +1,5 @@
-"""Benchmark UNet++: JAX inference per prune level, PyTorch side by side, fp16/int8, training, converter.
+"""Benchmark UNet++: JAX inference per prune level, JAX / ONNX Runtime / PyTorch side by side,
+GFLOP/s per conv shape and the matmul ceiling, fp16/int8, training, converter.
 
     python -m experiments.bench [--checkpoint DIR] [--data SRC] [--json OUT] [--repeats N]
                                 [--quick] [--no-torch] [--only SECTION ...] [--prune-only]

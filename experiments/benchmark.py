@@ -18,13 +18,23 @@ Sections, each a function returning JSON-ready values, run in this order by
   pruned program computes exactly the nodes head k reads, tested in ``tests/test_model.py``),
   so one full-depth evaluation scores every level.
 * ``ablation`` -- L4 with one speed measure of the package undone at a time
-  (:data:`ABLATIONS`: XLA's default convolution path; BatchNorm folded inside every call
+  (:data:`ABLATIONS`: XLA's convolution instead of Winograd; XLA's default convolution path
+  (YNNPACK); BatchNorm folded inside every call
   instead of once; the whole batch in one step instead of one image per step; each node's
   input concatenated before its conv), and the package's speedup over each, at each batch.
 * ``pytorch`` -- the same model (a PyTorch twin holding the same weights) in eager mode,
   ``channels_last``, eval mode under ``torch.inference_mode``, same batch and input size,
   in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s, the median
   over rounds that alternate the two (see :func:`pytorch_section`).
+* ``engines`` -- the fp32 forward of every engine at each batch in the same alternating rounds:
+  JAX as the package runs it (Winograd convs on CPU, ``unetpp_jax.fastconv``), JAX with XLA's
+  convolution only, ONNX Runtime on the model exported in memory (``unetpp_jax.export``), and
+  PyTorch eager ``channels_last``; ``vs_onnxruntime`` = t(ONNX Runtime) / t(engine) (issue 15
+  asks >= 1 for the package at batch 1 and 16).
+* ``convs`` -- GFLOP/s of every distinct conv of the forward (one image, as the CPU micro-batch
+  runs them) by XLA's convolution, the package's choice, Winograd F(4x4) and F(2x2), ONNX
+  Runtime and PyTorch, the sum of each one's conv times per image, and the machine's XLA f32
+  matmul rate (the ceiling a conv lowered to matmuls can reach).
 * ``precision`` -- fp16 / bf16 / int8, emulated and native (``unetpp_jax.numerics``), next to
   fp32, all timed in the same alternating rounds (:data:`PRECISION_ROWS`): steady-state
   forward at the evaluation batch, the split's forward time derived from it, the ratio to
@@ -62,7 +72,8 @@ from unetpp_jax.layers import concat_parts
 from unetpp_jax.numerics import Float32
 from unetpp_jax.timing import Timing, interleaved_timings, round_ratio, time_jitted  # noqa: F401
 
-SECTIONS = ("inference", "ablation", "pytorch", "precision", "train_step", "converter")
+SECTIONS = ("inference", "ablation", "pytorch", "engines", "convs", "precision", "train_step",
+            "converter")
 # The precision section's rows: '<precision>' (emulated; fp32 has one execution) or
 # '<precision> native'.
 PRECISION_ROWS = ("fp32", "fp16", "bf16", "int8", "bf16 native", "int8 native")
@@ -93,6 +104,7 @@ def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_leve
 # What the package does for speed, undone one thing at a time (the README's "what helped"):
 # each variant is timed at L4 next to the package's own path, in the same run.
 ABLATIONS = {
+    "XLA conv, no Winograd": "Float32(conv_impl='xla'): every conv by XLA's convolution",
     "XLA default conv (YNNPACK)": "the package's compiler options left out",
     "BatchNorm folded per call": "checkpoint variables, folded inside every forward",
     "whole batch per step": "micro_batch=None instead of one image per step (CPU)",
@@ -114,6 +126,8 @@ def ablation_call(model, variables, what: str, batch: int = 16, size: int = 96):
     from unetpp_jax.inference import default_micro_batch, map_in_micro_batches, probabilities
 
     f, (folded, x) = forward_call(model, variables, batch, size)
+    if what == "XLA conv, no Winograd":
+        return forward_call(model.clone(numerics=Float32(conv_impl="xla")), variables, batch, size)
     if what == "XLA default conv (YNNPACK)":
         mb = default_micro_batch()
         return jax.jit(lambda v, x: map_in_micro_batches(
@@ -161,6 +175,7 @@ class BenchConfig:
     train_size: int = 96
     converter_repeats: int = 3
     torch_threads: int | None = None  # None: one per available core
+    max_conv_shapes: int | None = None  # convs section: the first N distinct convs (None: all)
     sections: tuple[str, ...] = SECTIONS
 
     def __post_init__(self):
@@ -192,7 +207,7 @@ QUICK = BenchConfig(size=32, batches=(1, 2), repeats=2, min_time_s=0.0, warmup=0
                     eval_batch=4, eval_images=8,
                     calib_images=4, calib_method="max", train_batch=2, train_size=32,
                     precision_rows=("fp32", "fp16", "int8"), reuse_calibration=False,
-                    converter_repeats=1, torch_threads=1)
+                    converter_repeats=1, torch_threads=1, max_conv_shapes=2)
 
 
 def available_cores() -> int:
@@ -354,6 +369,248 @@ def pytorch_section(torch_model, cfg: BenchConfig, model=None, variables=None, *
         torch.set_num_threads(previous)
     return {"torch": torch.__version__, "threads": threads, "memory_format": "channels_last",
             "mode": "eager, eval, inference_mode", "rows": rows}
+
+
+def onnx_fp32_fn(model, variables, onnx_path=None) -> tuple[Callable[[np.ndarray], Any], str]:
+    """``(f, what)``: ONNX Runtime fp32 on NHWC float32 images (a session of ``onnx_path``, or
+    of the model exported in memory by ``unetpp_jax.export``), and a description. Raises
+    ImportError without onnx/onnxruntime."""
+    from unetpp_jax.export import onnx_model, onnx_predict_fn, onnx_session
+
+    if onnx_path is not None:
+        return onnx_predict_fn(onnx_session(onnx_path)), os.path.basename(str(onnx_path))
+    proto = onnx_model(model, variables, precision="fp32")
+    return onnx_predict_fn(onnx_session(proto.SerializeToString())), "exported in memory"
+
+
+def engines_section(model, variables, cfg: BenchConfig, *, torch_model=None, onnx_path=None,
+                    log: Callable[[str], None] = lambda s: None) -> dict:
+    """The fp32 forward (L4, all heads) of every engine at each batch, in the same alternating
+    rounds: JAX as the package runs it (``Float32()``: Winograd where ``fastconv.choose``
+    picks it), JAX with XLA's convolution only (``conv_impl='xla'``), ONNX Runtime fp32 (the
+    exported graph: :func:`onnx_fp32_fn`) and, given a twin, PyTorch eager ``channels_last``.
+    ``vs_onnxruntime``: t(ONNX Runtime) / t(engine), the median over rounds with its spread
+    (> 1: faster than ONNX Runtime)."""
+    import onnxruntime
+
+    ort_fn, ort_what = onnx_fp32_fn(model, variables, onnx_path)
+    torch_threads = None
+    if torch_model is not None:
+        import torch
+
+        torch_threads = cfg.torch_threads or available_cores()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
+        tmodel = torch_model.eval().to(memory_format=torch.channels_last)
+    try:
+        rows = []
+        for batch in cfg.batches:
+            f, (prepared, x) = forward_call(model, variables, batch, cfg.size)
+            xn = np.asarray(x)
+            calls = {"JAX fp32 (package)": (f, (prepared, x), jax.block_until_ready),
+                     "JAX fp32, XLA conv only": (*forward_call(model.clone(
+                         numerics=Float32(conv_impl="xla")), variables, batch, cfg.size),
+                         jax.block_until_ready),
+                     "onnxruntime fp32": callable_row(ort_fn, xn)}
+            if torch_model is not None:
+                xt = torch.from_numpy(np.array(xn)).permute(0, 3, 1, 2).contiguous(
+                    memory_format=torch.channels_last)
+
+                def forward(xt=xt):
+                    with torch.inference_mode():
+                        return tmodel(xt)
+
+                calls["PyTorch eager channels_last"] = (forward, (), None)
+            timings, per_round = interleaved_timings(calls, rounds=cfg.rounds,
+                                                     repeats=cfg.repeats, warmup=cfg.warmup,
+                                                     min_time=cfg.min_time_s)
+            for engine, t in timings.items():
+                ratio, lo, hi = round_ratio(per_round, "onnxruntime fp32", engine)
+                rows.append({"engine": engine, **t.to_json(batch), "vs_onnxruntime": ratio,
+                             "vs_onnxruntime_min": lo, "vs_onnxruntime_max": hi,
+                             "rounds": len(per_round)})
+                log(f"engines batch {batch}: {engine} {rows[-1]['images_per_s']:.2f} img/s, "
+                    f"x{ratio:.2f} ONNX Runtime's speed ({lo:.2f}-{hi:.2f})")
+    finally:
+        if torch_model is not None:
+            torch.set_num_threads(previous)
+    return {"onnxruntime": onnxruntime.__version__, "onnx_model": ort_what,
+            "torch_threads": torch_threads, "rows": rows}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ConvRecorder(Float32):
+    """fp32 numerics (XLA convs) that note each conv's input parts and kernel shape as the
+    model is traced (the convs of :func:`conv_shapes`)."""
+
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+    conv_impl: str = "xla"
+
+    def conv(self, module, name, x, kernel, bias, role, *, stride=1, padding=None):
+        from unetpp_jax.layers import input_parts
+
+        self.seen.append((tuple(p.shape for p in input_parts(x)), tuple(kernel.shape), stride,
+                          padding))
+        return super().conv(module, name, x, kernel, bias, role, stride=stride, padding=padding)
+
+
+def conv_shapes(model, variables, size: int, batch: int = 1) -> list[tuple[tuple, tuple, int]]:
+    """The model's distinct inference convs at ``batch`` images per step (the CPU micro-batch:
+    1) as ``(part shapes, kernel shape, count)``, stride 1 and 'same' padding only (UNet++'s),
+    in the order the forward runs them."""
+    recorder = _ConvRecorder()
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    jax.eval_shape(lambda v, x: model.clone(numerics=recorder).apply(v, x, train=False),
+                   variables, x)
+    counts: dict = {}
+    for parts, kernel, stride, padding in recorder.seen:
+        if stride == 1 and padding is None:
+            counts[parts, kernel] = counts.get((parts, kernel), 0) + 1
+    return [(parts, kernel, n) for (parts, kernel), n in counts.items()]
+
+
+def _ort_conv_fn(x: np.ndarray, kernel: np.ndarray):
+    """ONNX Runtime running one 'same' conv (a one-node graph, NCHW, all optimizations) on
+    NHWC ``x``, timed on the NCHW input; returns (fn, NHWC output)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from unetpp_jax.export import onnx_session
+
+    kh, kw, c, o = kernel.shape
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[kh, kw],
+                            pads=[kh // 2, kw // 2, kh // 2, kw // 2])
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                       [x.shape[0], c, *x.shape[1:3]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnx_session(proto.SerializeToString())
+    xn = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def run():
+        return session.run(["y"], {"x": xn})
+
+    return run, run()[0].transpose(0, 2, 3, 1)
+
+
+def convs_section(model, variables, cfg: BenchConfig, *, with_torch: bool = True,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+    """GFLOP/s of each distinct conv of the forward (:func:`conv_shapes`, one image as the
+    package's CPU micro-batch runs them) by each engine, timed in alternating rounds per
+    shape: XLA's convolution with the package's compiler options, the package's seam
+    (``fastconv.conv2d``, ``'auto'``: which implementation it chose is given), Winograd
+    F(4x4,3x3) and F(2x2,3x3) (kernels transformed beforehand, as ``prepare_variables`` does),
+    ONNX Runtime (a one-conv graph on the concatenated input) and PyTorch eager
+    ``channels_last`` (when installed). GFLOP/s count a direct conv's 2*H*W*9*Cin*Cout FLOPs
+    for every method, so Winograd's figures are *effective* rates. Also the machine's measured
+    XLA f32 matmul rate (1024^3 and the largest Winograd batched matmul of the model), the
+    ceiling a conv lowered to matmuls can reach. Every output is checked against the
+    ``precision='highest'`` XLA conv."""
+    from unetpp_jax import fastconv
+    from unetpp_jax.inference import compiler_options
+    from unetpp_jax.layers import conv2d
+
+    opts = compiler_options()
+
+    def jit(fn):
+        return jax.jit(fn, **({"compiler_options": opts} if opts else {}))
+
+    torch = None
+    if with_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+    if torch is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(cfg.torch_threads or available_cores())
+    try:
+        return _convs(model, variables, cfg, jit, torch, log)
+    finally:
+        if torch is not None:
+            torch.set_num_threads(previous)
+
+
+def _convs(model, variables, cfg, jit, torch, log) -> dict:
+    from unetpp_jax import fastconv
+    from unetpp_jax.layers import conv2d
+
+    shapes = conv_shapes(model, variables, cfg.size)[:cfg.max_conv_shapes]
+    rows, seconds = [], {}
+    rng = np.random.default_rng(0)
+    for parts_shapes, kshape, count in shapes:
+        parts = [jnp.asarray(rng.normal(size=p), jnp.float32) for p in parts_shapes]
+        kernel = jnp.asarray(rng.normal(size=kshape) / math.sqrt(np.prod(kshape[:3])),
+                             jnp.float32)
+        whole = np.concatenate([np.asarray(p) for p in parts], -1)
+        ref = np.asarray(jax.lax.conv_general_dilated(
+            whole, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest"))
+        chosen = fastconv.choose("auto", parts, kshape)
+        calls = {"xla": (jit(lambda p, k: conv2d(p, k)), (parts, kernel), jax.block_until_ready)}
+        if kshape[:2] == (3, 3):
+            for impl in ("winograd4", "winograd2"):
+                u = fastconv.transform_kernel(kernel, fastconv.TILE[impl])
+                calls[impl] = (jit(lambda p, u, k, impl=impl: fastconv.conv2d(
+                    p, k, impl=impl, transformed=u)), (parts, u, kernel), jax.block_until_ready)
+        try:
+            ort_run, ort_y = _ort_conv_fn(whole, np.asarray(kernel))
+            np.testing.assert_allclose(ort_y, ref, rtol=1e-3, atol=1e-3)
+            calls["onnxruntime"] = (ort_run, (), None)
+        except ImportError:
+            pass
+        if torch is not None:
+            xt = torch.from_numpy(whole).permute(0, 3, 1, 2).contiguous(
+                memory_format=torch.channels_last)
+            wt = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
+            pad = kshape[0] // 2
+
+            def tconv(xt=xt, wt=wt, pad=pad):
+                with torch.inference_mode():
+                    return torch.nn.functional.conv2d(xt, wt, padding=pad)
+
+            np.testing.assert_allclose(tconv().permute(0, 2, 3, 1).numpy(), ref, rtol=1e-3,
+                                       atol=1e-3)
+            calls["pytorch"] = (tconv, (), None)
+        for key in ("xla", "winograd4", "winograd2"):
+            if key in calls:
+                fn, args, _ = calls[key]
+                np.testing.assert_allclose(fn(*args), ref, rtol=1e-3, atol=1e-3)
+        timings, _ = interleaved_timings(calls, rounds=cfg.rounds, repeats=cfg.repeats,
+                                         warmup=cfg.warmup, min_time=cfg.min_time_s / 4)
+        n, h, w, _ = parts_shapes[0]
+        flops = 2 * n * h * w * int(np.prod(kshape))
+        gflops = {k: flops / t.median_s / 1e9 for k, t in timings.items()}
+        gflops["package"] = gflops[chosen]
+        for k, t in timings.items():
+            seconds[k] = seconds.get(k, 0.0) + count * t.median_s
+        seconds["package"] = seconds.get("package", 0.0) + count * timings[chosen].median_s
+        rows.append({"hw": [h, w], "parts": [p[-1] for p in parts_shapes],
+                     "cin": kshape[2], "cout": kshape[3], "kernel": kshape[0], "count": count,
+                     "mflop": flops / 1e6, "package_impl": chosen, "gflops": gflops})
+        log(f"conv {h}x{w} {rows[-1]['parts']} -> {kshape[3]} (x{count}): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in gflops.items()) + " GFLOP/s")
+    matmul = []
+    big = max((r for r in rows if r["kernel"] == 3), key=lambda r: r["mflop"] * r["count"],
+              default=None)
+    dims = [("1024x1024 @ 1024x1024", (), 1024, 1024, 1024)]
+    if big is not None:
+        th = -(-big["hw"][0] // 4) * -(-big["hw"][1] // 4)
+        dims.append((f"Winograd F4 {big['hw'][0]}x{big['hw'][1]} {big['cin']}->{big['cout']}: "
+                     f"36 x ({th}x{big['cin']} @ {big['cin']}x{big['cout']})", (36,), th,
+                     big["cin"], big["cout"]))
+    for what, batch_dims, m, k, n in dims:
+        a = jnp.asarray(rng.normal(size=(*batch_dims, m, k)), jnp.float32)
+        b = jnp.asarray(rng.normal(size=(*batch_dims, k, n)), jnp.float32)
+        t = time_jitted(jit(jnp.matmul), a, b, repeats=cfg.repeats, warmup=cfg.warmup,
+                        min_time=cfg.min_time_s / 4)
+        rate = 2 * int(np.prod(batch_dims or (1,))) * m * k * n / t.median_s / 1e9
+        matmul.append({"what": what, "gflops": rate, "median_s": t.median_s})
+        log(f"matmul {what}: {rate:.0f} GFLOP/s")
+    return {"batch": 1, "size": cfg.size, "rows": rows, "matmul": matmul,
+            "seconds_per_image": seconds,
+            "torch_threads": None if torch is None else torch.get_num_threads()}
 
 
 def callable_row(fn: Callable[[np.ndarray], Any], images: np.ndarray,
@@ -542,7 +799,7 @@ def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
         report["peak_rss_mb_after"][name] = peak_rss_mb()
 
     twin = None
-    if make_twin is not None and {"pytorch", "converter"} & set(cfg.sections):
+    if make_twin is not None and {"pytorch", "converter", "engines"} & set(cfg.sections):
         twin = make_twin(model, variables)
     for name in ("pytorch", "converter"):
         if name in cfg.sections and twin is None:
@@ -563,6 +820,18 @@ def run_benchmark(model, variables, split, cfg: BenchConfig, *, scored: bool,
     if "pytorch" in cfg.sections and twin is not None:
         report["pytorch"] = pytorch_section(twin, cfg, model, variables, log=log)
         done("pytorch")
+    if "engines" in cfg.sections:
+        import importlib.util
+
+        if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
+            skipped["engines"] = "onnx and onnxruntime are needed (pip install onnx onnxruntime)"
+        else:
+            report["engines"] = engines_section(model, variables, cfg, torch_model=twin, log=log)
+            done("engines")
+    if "convs" in cfg.sections:
+        report["convs"] = convs_section(model, variables, cfg, with_torch=make_twin is not None,
+                                        log=log)
+        done("convs")
     if "precision" in cfg.sections:
         report["precision"] = precision_section(model, variables, split.images, cfg,
                                                 extra_rows=extra_rows,
@@ -631,6 +900,33 @@ def format_table(report: dict) -> str:
         lines.append(line("PyTorch eager channels_last", r["batch"], r["images_per_s"],
                           r["latency_ms"], r["compile_s"],
                           note=note + f"  ({pt['threads']} thread{'s' if pt['threads'] != 1 else ''})"))
+    en = report.get("engines")
+    for r in (en or {}).get("rows", []):
+        lines.append(line(f"{r['engine']}"[:30], r["batch"], r["images_per_s"], r["latency_ms"],
+                          r["compile_s"],
+                          note=f"x{r['vs_onnxruntime']:.2f} ONNX Runtime's speed "
+                               f"({r['vs_onnxruntime_min']:.2f}-{r['vs_onnxruntime_max']:.2f}, "
+                               f"{r['rounds']} alternating rounds)"))
+    cs = report.get("convs")
+    if cs:
+        keys = [k for k in ("package", "xla", "winograd4", "winograd2", "onnxruntime", "pytorch")
+                if any(k in r["gflops"] for r in cs["rows"])]
+        lines.append(f"GFLOP/s per conv (1 image, direct-conv FLOPs; {cs['size']}x{cs['size']} "
+                     "input), n = convs of that shape in the forward, package = the impl "
+                     "'auto' chose:")
+        lines.append(f"  {'H x W':>7s} {'Cin parts':22s}{'Cout':>5s}{'n':>3s}{'MFLOP':>7s}  "
+                     + "".join(f"{k:>12s}" for k in keys) + "  chosen")
+        for r in cs["rows"]:
+            lines.append(f"  {r['hw'][0]:>3d}x{r['hw'][1]:<3d} "
+                         f"{'+'.join(map(str, r['parts'])) + ('' if r['kernel'] == 3 else ' (1x1)'):22s}"
+                         f"{r['cout']:>5d}{r['count']:>3d}{r['mflop']:>7.1f}  "
+                         + "".join(f"{_f(r['gflops'].get(k), '.0f'):>12s}" for k in keys)
+                         + f"  {r['package_impl']}")
+        sec = cs["seconds_per_image"]
+        lines.append("  sum of conv times per image, ms:" + "".join(
+            f"  {k} {1e3 * sec[k]:.1f}" for k in keys if k in sec))
+        for mm in cs["matmul"]:
+            lines.append(f"  XLA f32 matmul {mm['what']}: {mm['gflops']:.0f} GFLOP/s")
     pr = report.get("precision")
     if pr:
         for r in pr["rows"]:

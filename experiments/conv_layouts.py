@@ -6,7 +6,9 @@ Why it exists: the convolutions are where the UNet++ forward spends its time, an
 their speed depends on which library XLA hands them to (YNNPACK by default in jaxlib 0.10, or
 Eigen with ``inference.compiler_options()``) and on how they are written. Each column computes
 the same convolution (checked against a ``precision='highest'`` XLA conv); the last is PyTorch's
-(oneDNN) for scale.
+(oneDNN) for scale. Winograd's column counts a direct conv's FLOPs (an effective rate). The
+benchmark's ``convs`` section (``python -m experiments.bench --only convs``) times every conv
+shape of the model beside ONNX Runtime; this probe is the older, batch-16 one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark import time_jitted
+from unetpp_jax import fastconv
 from unetpp_jax.inference import compiler_options
 
 XLA_COMPILER_OPTIONS = compiler_options()  # the package's inference options (YNNPACK off where known)
@@ -68,6 +71,9 @@ VARIANTS = {
     "HWNC/HWIO": (*_lax(("HWNC", "HWIO", "HWNC")), XLA_COMPILER_OPTIONS),
     "im2col + matmul": (*_nhwc(im2col), XLA_COMPILER_OPTIONS),
     "9 shifted matmuls": (*_nhwc(shifted_matmuls), XLA_COMPILER_OPTIONS),
+    "Winograd F(4x4,3x3)": (lambda x, w: (x, fastconv.transform_kernel(w, 4)),
+                            lambda x, u: fastconv.winograd_conv3x3(x, u, m=4), lambda y: y,
+                            XLA_COMPILER_OPTIONS),
 }
 # (H = W, Cin, Cout): full-resolution nodes X(0,1) and X(0,3), a block's second conv, deeper levels.
 SHAPES = [(96, 64, 32), (96, 160, 32), (96, 32, 32), (48, 64, 64), (24, 128, 128), (6, 512, 512)]

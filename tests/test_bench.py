@@ -25,6 +25,7 @@ from unetpp_jax.timing import interleaved_timings, round_ratio, time_jitted
 from unetpp_jax.model import WIDTHS, UNetPlusPlus
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 TIMING_FIELDS = {"batch", "images_per_s", "latency_ms", "compile_s", "median_s", "min_s", "max_s",
                  "repeats"}
@@ -130,7 +131,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
 
     # Ablations: L4 with one speed measure undone, at each batch, against the package's L4.
     abl = report["ablation"]
-    variants = ("XLA default conv (YNNPACK)", "BatchNorm folded per call", "whole batch per step",
+    variants = ("XLA conv, no Winograd", "XLA default conv (YNNPACK)", "BatchNorm folded per call", "whole batch per step",
                 "skip inputs concatenated")
     assert [(r["variant"], r["batch"]) for r in abl] == (
         [(v, 1) for v in variants if v != "whole batch per step"] + [(v, 2) for v in variants])
@@ -148,6 +149,29 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
         check_timing(r, cfg["eval_batch"])
         assert r["time_vs_fp32"] == pytest.approx(r["median_s"] / prec["rows"][0]["median_s"])
         assert r["split_forward_s"] == pytest.approx(r["median_s"] * 2)  # 8 images, batch 4
+
+    # Engines: JAX (package and XLA-conv-only), ONNX Runtime, PyTorch per batch, one run.
+    if HAS_ORT:
+        en = report["engines"]
+        engines = ["JAX fp32 (package)", "JAX fp32, XLA conv only", "onnxruntime fp32"] + (
+            ["PyTorch eager channels_last"] if HAS_TORCH else [])
+        assert [(r["engine"], r["batch"]) for r in en["rows"]] == [(e, b) for b in (1, 2)
+                                                                  for e in engines]
+        for r in en["rows"]:
+            check_timing(r, r["batch"])
+            assert r["vs_onnxruntime_min"] <= r["vs_onnxruntime"] <= r["vs_onnxruntime_max"]
+            if r["engine"] == "onnxruntime fp32":
+                assert r["vs_onnxruntime"] == 1.0
+    else:
+        assert report["engines"] is None and "onnxruntime" in report["skipped"]["engines"]
+    # Convs: GFLOP/s per distinct conv shape (the first 2 in --quick) and the matmul ceiling.
+    cs = report["convs"]
+    assert len(cs["rows"]) == 2 and cs["rows"][0]["hw"] == [32, 32]
+    for r in cs["rows"]:
+        assert r["package_impl"] in ("xla", "winograd4", "winograd2")
+        assert r["gflops"]["package"] == r["gflops"][r["package_impl"]]
+        assert all(positive(v) for v in r["gflops"].values())
+    assert all(positive(m["gflops"]) for m in cs["matmul"])
 
     ts = report["train_step"]
     check_timing(ts, 2)
@@ -173,7 +197,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
         cv = report["converter"]
         assert positive(cv["first_s"]) and positive(cv["median_s"]) and cv["params"] == 9_163_428
         assert set(cv["phases_s"]) == {"read", "map", "write", "total"}
-        assert report["skipped"] == {}
+        assert report["skipped"] == ({} if HAS_ORT else {"engines": report["skipped"]["engines"]})
     else:
         assert report["pytorch"] is None and report["converter"] is None
         assert "PyTorch is not installed" in report["skipped"]["pytorch"]
@@ -186,7 +210,11 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
                    "peak RSS", "speedup", str(out)]:
         assert phrase in table, phrase
     if HAS_TORCH:
-        assert table.count("PyTorch eager channels_last") == 2 and "converter" in table
+        # the pytorch section's rows, and the engines section's beside ONNX Runtime
+        assert table.count("PyTorch eager channels_last") == (4 if HAS_ORT else 2)
+        assert "converter" in table
+    if HAS_ORT:
+        assert table.count("onnxruntime fp32") == 2 and "GFLOP/s per conv" in table
     assert "[bench" in printed.err and "inference L4 batch 2" in printed.err
 
 
@@ -198,6 +226,7 @@ def test_sections_can_be_skipped(random_checkpoint, tmp_path, capsys):
     assert all(report[s] is None for s in SECTIONS)
     assert report["skipped"] == {"pytorch": "--no-torch", "converter": "--no-torch",
                                  "inference": "not selected", "ablation": "not selected",
+                                 "engines": "not selected", "convs": "not selected",
                                  "precision": "not selected",
                                  "train_step": "not selected"}
     assert "skipped pytorch: --no-torch" in capsys.readouterr().out

@@ -18,7 +18,14 @@ def count_params(params) -> int:
 
 def xla_flops(model, variables, shape=(1, 96, 96, 3), prune_level: int | None = None) -> float:
     """FLOPs of one inference forward as counted by XLA's cost analysis (multiply-add = 2;
-    zero-padding taps skipped; elementwise ops included)."""
+    zero-padding taps skipped; elementwise ops included), with every conv a direct convolution:
+    float32 models are counted at ``conv_impl='xla'`` (Winograd's fewer multiplies, see
+    ``unetpp_jax.fastconv``, are how a conv is computed, not the model's FLOPs)."""
+    from unetpp_jax.numerics import Float32
+
+    numerics = getattr(model, "numerics", None)
+    if isinstance(numerics, Float32) and numerics.conv_impl != "xla":
+        model = model.clone(numerics=Float32(conv_impl="xla"))
     f = jax.jit(lambda v, x: model.apply(v, x, train=False, prune_level=prune_level))
     compiled = f.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
     cost = compiled.cost_analysis()
