@@ -256,13 +256,18 @@ def test_predict_program_uses_the_package_compiler_options(model_and_vars):
         pytest.skip("XLA:CPU option; this backend is " + jax.default_backend())
     assert inference.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
+    from unetpp_jax.numerics import Float32
+
     model, v = model_and_vars
     x = jnp.zeros((1, 32, 32, 3))
     hlo = inference._predict_program().lower(model, 4, None, v, x).compile().as_text()
-    # The 3x3 convs stay XLA convolutions: 15 second convs, 5 first convs of X(i,0), and the
-    # first convs of the 10 skip nodes split into their j+1 input parts (30).
+    assert "__ynn_fusion" not in hlo  # the default (Winograd on CPU) program
+    # With XLA's conv for every conv: 15 second convs, 5 first convs of X(i,0), and the first
+    # convs of the 10 skip nodes split into their j+1 input parts (30); nothing concatenated.
+    plain = model.clone(numerics=Float32(conv_impl="xla"))
+    hlo = inference._predict_program().lower(plain, 4, None, v, x).compile().as_text()
     assert hlo.count("convolution(") == 15 + 5 + 30
-    assert "concatenate(" not in hlo  # no concatenation is written
+    assert "concatenate(" not in hlo
     assert "__ynn_fusion" not in hlo
 
 

@@ -79,8 +79,8 @@ class Predictor:
     def __init__(self, model=None, variables=None, *, input_spec: InputSpec | None = None,
                  size: int | Sequence[int] | None = None, head: int | None = None,
                  precision: str = "fp32", calibration=None, batch_size: int = 16):
-        from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
-        from unetpp_jax.numerics import get_numerics
+        from unetpp_jax.inference import predict_fn
+        from unetpp_jax.numerics import get_numerics, prepare_variables, with_numerics
 
         if model is None:
             if variables is not None:
@@ -108,9 +108,10 @@ class Predictor:
             if calibration is None:
                 raise ValueError(f"{self.precision} needs a calibration (unetpp_jax.quant.calibrate)")
             variables = calibration.attach(variables)
-        self.model = model.clone(numerics=numerics)
+        self.model = with_numerics(model, precision)
         self.num_classes = model.num_classes
-        self.variables = fold_batchnorm_variables(variables)
+        # BatchNorm folded (and Winograd kernels / int8 weights computed) once, not per call.
+        self.variables = prepare_variables(self.model.numerics, variables)
         prune = self.head if model.deep_supervision else None
         self._f = predict_fn(self.model, prune)
         self.batch_size = int(batch_size)

@@ -401,10 +401,11 @@ def score_classes(model, variables, split, *, batch_size: int = 16) -> HeadScore
     every process (``metrics.class_iou``) in the ``miou`` slot and the pixel accuracy in the
     ``dice`` slot, x100. The class metric pools pixels, so the processes add their confusion
     matrices rather than average per-image scores."""
-    from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
+    from unetpp_jax.inference import predict_fn
+    from unetpp_jax.numerics import prepare_variables
 
     f = predict_fn(model)
-    folded = fold_batchnorm_variables(variables)
+    folded = prepare_variables(model.numerics, variables)
     n, heads = len(split), []
     for start in range(0, n, batch_size):
         chunk = split.images[start:start + batch_size]
