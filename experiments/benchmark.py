@@ -18,7 +18,7 @@ Sections, each a function returning JSON-ready values, run in this order by
   pruned program computes exactly the nodes head k reads, tested in ``tests/test_model.py``),
   so one full-depth evaluation scores every level.
 * ``ablation`` -- L4 with one speed measure of the package undone at a time
-  (:data:`ABLATIONS`: XLA's convolution instead of Winograd; XLA's default convolution path
+  (:data:`ABLATIONS`: the opt-in Winograd convs instead of XLA's; XLA's default convolution path
   (YNNPACK); BatchNorm folded inside every call
   instead of once; the whole batch in one step instead of one image per step; each node's
   input concatenated before its conv), and the package's speedup over each, at each batch.
@@ -27,12 +27,13 @@ Sections, each a function returning JSON-ready values, run in this order by
   in the same process; ``jax_over_pytorch`` = JAX L4 images/s / PyTorch images/s, the median
   over rounds that alternate the two (see :func:`pytorch_section`).
 * ``engines`` -- the fp32 forward of every engine at each batch in the same alternating rounds:
-  JAX as the package runs it (Winograd convs on CPU, ``unetpp_jax.fastconv``), JAX with XLA's
-  convolution only, ONNX Runtime on the model exported in memory (``unetpp_jax.export``), and
+  JAX as the package runs it (XLA's convolution), JAX with the opt-in Winograd convs
+  (``Float32(conv_impl='auto')``, ``unetpp_jax.fastconv``), ONNX Runtime on the model exported
+  in memory (``unetpp_jax.export``), and
   PyTorch eager ``channels_last``; ``vs_onnxruntime`` = t(ONNX Runtime) / t(engine) (issue 15
   asks >= 1 for the package at batch 1 and 16).
 * ``convs`` -- GFLOP/s of every distinct conv of the forward (one image, as the CPU micro-batch
-  runs them) by XLA's convolution, the package's choice, Winograd F(4x4) and F(2x2), ONNX
+  runs them) by XLA's convolution, ``'auto'``'s choice (column "package"), Winograd F(4x4) and F(2x2), ONNX
   Runtime and PyTorch, the sum of each one's conv times per image, and the machine's XLA f32
   matmul rate (the ceiling a conv lowered to matmuls can reach).
 * ``precision`` -- fp16 / bf16 / int8, emulated and native (``unetpp_jax.numerics``), next to
@@ -104,7 +105,7 @@ def forward_timing(model, variables, batch: int = 16, size: int = 96, prune_leve
 # What the package does for speed, undone one thing at a time (the README's "what helped"):
 # each variant is timed at L4 next to the package's own path, in the same run.
 ABLATIONS = {
-    "XLA conv, no Winograd": "Float32(conv_impl='xla'): every conv by XLA's convolution",
+    "Winograd conv (opt-in)": "Float32(conv_impl='auto'): Winograd F(4x4) where fastconv picks it",
     "XLA default conv (YNNPACK)": "the package's compiler options left out",
     "BatchNorm folded per call": "checkpoint variables, folded inside every forward",
     "whole batch per step": "micro_batch=None instead of one image per step (CPU)",
@@ -126,8 +127,8 @@ def ablation_call(model, variables, what: str, batch: int = 16, size: int = 96):
     from unetpp_jax.inference import default_micro_batch, map_in_micro_batches, probabilities
 
     f, (folded, x) = forward_call(model, variables, batch, size)
-    if what == "XLA conv, no Winograd":
-        return forward_call(model.clone(numerics=Float32(conv_impl="xla")), variables, batch, size)
+    if what == "Winograd conv (opt-in)":
+        return forward_call(model.clone(numerics=Float32(conv_impl="auto")), variables, batch, size)
     if what == "XLA default conv (YNNPACK)":
         mb = default_micro_batch()
         return jax.jit(lambda v, x: map_in_micro_batches(
@@ -386,8 +387,8 @@ def onnx_fp32_fn(model, variables, onnx_path=None) -> tuple[Callable[[np.ndarray
 def engines_section(model, variables, cfg: BenchConfig, *, torch_model=None, onnx_path=None,
                     log: Callable[[str], None] = lambda s: None) -> dict:
     """The fp32 forward (L4, all heads) of every engine at each batch, in the same alternating
-    rounds: JAX as the package runs it (``Float32()``: Winograd where ``fastconv.choose``
-    picks it), JAX with XLA's convolution only (``conv_impl='xla'``), ONNX Runtime fp32 (the
+    rounds: JAX as the package runs it (``Float32()``: XLA's convolution), JAX with the opt-in
+    Winograd convs (``conv_impl='auto'``: where ``fastconv.choose`` picks them), ONNX Runtime fp32 (the
     exported graph: :func:`onnx_fp32_fn`) and, given a twin, PyTorch eager ``channels_last``.
     ``vs_onnxruntime``: t(ONNX Runtime) / t(engine), the median over rounds with its spread
     (> 1: faster than ONNX Runtime)."""
@@ -408,8 +409,8 @@ def engines_section(model, variables, cfg: BenchConfig, *, torch_model=None, onn
             f, (prepared, x) = forward_call(model, variables, batch, cfg.size)
             xn = np.asarray(x)
             calls = {"JAX fp32 (package)": (f, (prepared, x), jax.block_until_ready),
-                     "JAX fp32, XLA conv only": (*forward_call(model.clone(
-                         numerics=Float32(conv_impl="xla")), variables, batch, cfg.size),
+                     "JAX fp32, Winograd (opt-in)": (*forward_call(model.clone(
+                         numerics=Float32(conv_impl="auto")), variables, batch, cfg.size),
                          jax.block_until_ready),
                      "onnxruntime fp32": callable_row(ort_fn, xn)}
             if torch_model is not None:

@@ -131,7 +131,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
 
     # Ablations: L4 with one speed measure undone, at each batch, against the package's L4.
     abl = report["ablation"]
-    variants = ("XLA conv, no Winograd", "XLA default conv (YNNPACK)", "BatchNorm folded per call", "whole batch per step",
+    variants = ("Winograd conv (opt-in)", "XLA default conv (YNNPACK)", "BatchNorm folded per call", "whole batch per step",
                 "skip inputs concatenated")
     assert [(r["variant"], r["batch"]) for r in abl] == (
         [(v, 1) for v in variants if v != "whole batch per step"] + [(v, 2) for v in variants])
@@ -153,7 +153,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
     # Engines: JAX (package and XLA-conv-only), ONNX Runtime, PyTorch per batch, one run.
     if HAS_ORT:
         en = report["engines"]
-        engines = ["JAX fp32 (package)", "JAX fp32, XLA conv only", "onnxruntime fp32"] + (
+        engines = ["JAX fp32 (package)", "JAX fp32, Winograd (opt-in)", "onnxruntime fp32"] + (
             ["PyTorch eager channels_last"] if HAS_TORCH else [])
         assert [(r["engine"], r["batch"]) for r in en["rows"]] == [(e, b) for b in (1, 2)
                                                                   for e in engines]
