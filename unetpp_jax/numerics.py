@@ -349,13 +349,7 @@ def options_of(numerics) -> dict:
 
 def with_numerics(model, precision, **options):
     """``model`` with its inference convolutions computed at ``precision`` (a static choice:
-    each compiles to its own program; int8 needs ``calibration.attach(variables)``).
-
-    A bare ``"fp32"`` keeps the model's own float32 numerics (an architecture may default to
-    another ``conv_impl``: smp models run XLA's conv, ``smp_unetplusplus.SMP_FLOAT32``)."""
-    if (precision == "fp32" and not options and isinstance(getattr(model, "numerics", None),
-                                                             Float32)):
-        return model
+    each compiles to its own program; int8 needs ``calibration.attach(variables)``)."""
     return model.clone(numerics=get_numerics(precision, **options))
 
 

@@ -46,12 +46,6 @@ from unetpp_jax.layers import (ROLE_HEAD, ROLE_HIDDEN, ROLE_NODE, ConvInput, con
                                input_parts, upsample2x_nearest)
 from unetpp_jax.numerics import Float32
 
-# smp models run float32 on XLA's convolution, not fastconv's Winograd F(4x4,3x3) (the 'auto'
-# default of the VGG UNet++): on a converted resnet18 UnetPlusPlus at 64x96, F(4x4) put the
-# probabilities 7.0e-5 from the float64 reference, 2.1x PyTorch float32's own error, above the
-# parity bar (tests/test_smp.py). Opt in with numerics=Float32(conv_impl="winograd4").
-SMP_FLOAT32 = Float32(conv_impl="xla")
-
 Array = jax.Array
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -78,7 +72,7 @@ class SCSE(nn.Module):
     ``x`` may be the parts of a concatenation: it is read part by part, never concatenated.
     Its three 1x1 convs (with bias, no BatchNorm) run through ``numerics`` with role hidden."""
 
-    numerics: Any = SMP_FLOAT32
+    numerics: Any = Float32()
     reduction: int = SCSE_REDUCTION
 
     @nn.compact
@@ -113,7 +107,7 @@ class DecoderBlock(nn.Module):
     features: int
     attention: str | None = None
     use_batchnorm: bool = True
-    numerics: Any = SMP_FLOAT32
+    numerics: Any = Float32()
 
     @nn.compact
     def __call__(self, x: ConvInput, train: bool = False) -> Array:
@@ -139,7 +133,7 @@ class UnetPlusPlusDecoder(nn.Module):
     decoder_channels: Sequence[int] = DECODER_CHANNELS
     attention: str | None = None
     use_batchnorm: bool = True
-    numerics: Any = SMP_FLOAT32
+    numerics: Any = Float32()
 
     @nn.compact
     def __call__(self, features: Sequence[Array], train: bool = False) -> Array:
@@ -182,7 +176,7 @@ class SMPUnetPlusPlus(nn.Module):
     decoder_attention_type: str | None = None
     decoder_use_batchnorm: bool = True
     num_classes: int = 1
-    numerics: Any = SMP_FLOAT32
+    numerics: Any = Float32()
 
     def __post_init__(self):
         if self.encoder not in RESNETS:
