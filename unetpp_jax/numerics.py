@@ -107,9 +107,9 @@ class Float32:
     always XLA's convolution, the reference), ``'auto'`` (opt-in: Winograd F(4x4,3x3) for the
     3x3 convs where it is faster on the CPU backend, XLA's convolution elsewhere and on
     GPU/TPU), ``'winograd4'`` or ``'winograd2'`` (every 3x3 stride-1 conv). ``'auto'`` is not
-    the default because F(4x4) trades accuracy: 5.7e-6 from the float64 twin on the bundled
-    model (XLA's conv: 3.8e-6) but up to 2.7e-5 on the converter tests' random-weight twins,
-    above their 1e-5 parity bar (docs/performance.md). Winograd kernels prepared once
+    the default because F(4x4) trades accuracy: 4.0e-6 from the float64 twin on the bundled
+    model (XLA's conv: 3.8e-6) but up to 2.0e-5 from PyTorch on the converter tests'
+    random-weight twins, above their 1e-5 parity bar (docs/performance.md). Winograd kernels prepared once
     (:func:`prepare_variables`, collection ``'fastconv'``) are used when present.
     """
 
