@@ -200,11 +200,12 @@ class BenchConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-# Smoke setting for tests: every section and field, seconds of compute (compiling dominates).
+# Smoke setting for tests: every section and field, seconds of compute (compiling dominates, so
+# one batch -- 2, which still runs the micro-batch loop -- and the extreme levels only).
 # ``max`` calibration skips the histogram pass; the section's code path is the same. One
 # PyTorch thread: on a busy machine its OpenMP threads spin against each other (a 32x32
 # forward took 1.6 s with 2 threads next to a training job, 45 ms with 1).
-QUICK = BenchConfig(size=32, batches=(1, 2), repeats=2, min_time_s=0.0, warmup=0, rounds=2,
+QUICK = BenchConfig(size=32, batches=(2,), levels=(1, 4), repeats=2, min_time_s=0.0, warmup=0, rounds=2,
                     eval_batch=4, eval_images=8,
                     calib_images=4, calib_method="max", train_batch=2, train_size=32,
                     precision_rows=("fp32", "fp16", "int8"), reuse_calibration=False,
