@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unetpp_jax.layers import concat_parts
+from unetpp_jax.model import WIDTHS
 from unetpp_jax.numerics import Float32
 from unetpp_jax.timing import Timing, interleaved_timings, round_ratio, time_jitted  # noqa: F401
 
@@ -174,6 +175,7 @@ class BenchConfig:
     reuse_calibration: bool = True  # int8: a saved calibration (quant.load_or_calibrate)
     train_batch: int = 8
     train_size: int = 96
+    train_widths: tuple[int, ...] | None = None  # None: the full model's (32 .. 512)
     converter_repeats: int = 3
     torch_threads: int | None = None  # None: one per available core
     max_conv_shapes: int | None = None  # convs section: the first N distinct convs (None: all)
@@ -201,13 +203,15 @@ class BenchConfig:
 
 
 # Smoke setting for tests: every section and field, seconds of compute (compiling dominates, so
-# one batch -- 2, which still runs the micro-batch loop -- and the extreme levels only).
+# one batch -- 2, which still runs the micro-batch loop -- the extreme levels only, and a
+# narrow model's train step: the full one's gradient took ~30 s to compile).
 # ``max`` calibration skips the histogram pass; the section's code path is the same. One
 # PyTorch thread: on a busy machine its OpenMP threads spin against each other (a 32x32
 # forward took 1.6 s with 2 threads next to a training job, 45 ms with 1).
 QUICK = BenchConfig(size=32, batches=(2,), levels=(1, 4), repeats=2, min_time_s=0.0, warmup=0, rounds=2,
                     eval_batch=4, eval_images=8,
                     calib_images=4, calib_method="max", train_batch=2, train_size=32,
+                    train_widths=(8, 16, 32, 64, 128),
                     precision_rows=("fp32", "fp16", "int8"), reuse_calibration=False,
                     converter_repeats=1, torch_threads=1, max_conv_shapes=2)
 
@@ -699,7 +703,8 @@ def precision_section(model, variables, images_uint8: np.ndarray, cfg: BenchConf
 
 
 def train_step_section(cfg: BenchConfig, *, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Images/s of ``make_train_step`` (Adam, BCE over the four heads) on the real model.
+    """Images/s of ``make_train_step`` (Adam, BCE over the four heads) on the real model
+    (``cfg.train_widths``: a narrower one, for the smoke setting whose time is compiling).
 
     The step donates its state, so each timed call feeds the previous call's state back in.
     The batch is random (speed does not depend on the pixel values).
@@ -707,7 +712,9 @@ def train_step_section(cfg: BenchConfig, *, log: Callable[[str], None] = lambda 
     from unetpp_jax.train import TrainConfig, create_state, data_mesh, make_train_step, shard_batch
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    tcfg = TrainConfig(name="bench", batch_size=cfg.train_batch, image_size=cfg.train_size)
+    widths = {} if cfg.train_widths is None else {"widths": tuple(cfg.train_widths)}
+    tcfg = TrainConfig(name="bench", batch_size=cfg.train_batch, image_size=cfg.train_size,
+                       **widths)
     mesh = data_mesh()
     model, state = create_state(tcfg, steps_per_epoch=1)
     state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -723,7 +730,8 @@ def train_step_section(cfg: BenchConfig, *, log: Callable[[str], None] = lambda 
         return loss
 
     t = time_jitted(step, repeats=cfg.repeats, warmup=cfg.warmup)
-    row = {**t.to_json(cfg.train_batch), "size": cfg.train_size, "optimizer": tcfg.optimizer,
+    row = {**t.to_json(cfg.train_batch), "size": cfg.train_size, "widths": list(tcfg.widths),
+           "optimizer": tcfg.optimizer,
            "devices": len(mesh.devices.flat)}
     log(f"train step batch {cfg.train_batch}: {row['images_per_s']:.2f} img/s")
     return row
@@ -947,7 +955,9 @@ def format_table(report: dict) -> str:
     if ts:
         lines.append(line(f"train step {ts['size']}x{ts['size']} {ts['optimizer']}", ts["batch"],
                           ts["images_per_s"], ts["latency_ms"], ts["compile_s"],
-                          note=f"{ts['devices']} device(s)"))
+                          note=f"{ts['devices']} device(s)"
+                               + ("" if ts.get("widths", list(WIDTHS)) == list(WIDTHS)
+                                  else f"; widths {tuple(ts['widths'])}")))
     cv = report.get("converter")
     if cv:
         ph = cv["phases_s"]

@@ -175,7 +175,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
 
     ts = report["train_step"]
     check_timing(ts, 2)
-    assert ts["size"] == 32 and ts["devices"] >= 1
+    assert ts["size"] == 32 and ts["widths"] == [8, 16, 32, 64, 128] and ts["devices"] >= 1
 
     assert positive(report["peak_rss_mb"])
     ran = [s for s in SECTIONS if report[s] is not None]
