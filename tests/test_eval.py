@@ -82,13 +82,13 @@ def test_fp32_parity_with_pytorch_twin_through_converter(tmp_path):
 @pytest.fixture(scope="module")
 def trained_small(tmp_path_factory):
     """A small UNet++ trained on synthetic nuclei until it segments them well."""
-    cfg = TrainConfig(name="evaltest", widths=(8, 16, 32, 64, 128), image_size=64, batch_size=8,
-                      epochs=7, learning_rate=5e-3, schedule="cosine", bce_weight=0.5,
+    cfg = TrainConfig(name="evaltest", widths=(8, 16, 32, 64, 128), image_size=48, batch_size=8,
+                      epochs=5, learning_rate=5e-3, schedule="cosine", bce_weight=0.5,
                       dice_weight=1.0, shuffle=True, augment=True, eval_batch_size=8)
     workdir = tmp_path_factory.mktemp("run")
-    train(cfg, workdir, synthetic_split(80, 64), synthetic_split(8, 64, seed=7), progress=False)
+    train(cfg, workdir, synthetic_split(48, 48), synthetic_split(8, 48, seed=7), progress=False)
     model, variables = load_best(workdir)
-    return model, variables, synthetic_split(48, 64, seed=11)
+    return model, variables, synthetic_split(48, 48, seed=11)
 
 
 def test_fp16_and_int8_emulation_stay_close_on_a_trained_model(trained_small):
