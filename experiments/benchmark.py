@@ -513,9 +513,7 @@ def convs_section(model, variables, cfg: BenchConfig, *, with_torch: bool = True
     XLA f32 matmul rate (1024^3 and the largest Winograd batched matmul of the model), the
     ceiling a conv lowered to matmuls can reach. Every output is checked against the
     ``precision='highest'`` XLA conv."""
-    from unetpp_jax import fastconv
     from unetpp_jax.inference import compiler_options
-    from unetpp_jax.layers import conv2d
 
     opts = compiler_options()
 

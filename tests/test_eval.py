@@ -143,6 +143,7 @@ def test_eval_json_records_the_calibration_it_created_then_reused(tmp_path, caps
     assert "calibrated max on 4" in out and "reused the max calibration" in out
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["execution"] == "native" and a["options"]["execution"] == "native"
+    assert a["n_images"] == 134  # no --data: the bundled validation split, as users run it
     ca, cb = a["calibration"], b["calibration"]
     assert (ca["method"], ca["num_images"], ca["reused"], cb["reused"]) == ("max", 4, False, True)
     assert ca["path"] == cb["path"] and Path(ca["path"]).parent == ckpt / "calibration"
