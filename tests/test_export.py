@@ -109,12 +109,24 @@ def test_onnx_fp32_variants(kwargs, level):
 
 
 def test_onnx_fp32_bundled_one_image(bundled):
+    """Within 1e-5 of JAX, and of the exact answer: the PyTorch twin in float64 (both float32
+    runs round differently; over all 134 validation images ONNX Runtime stays within 3.9e-6 of
+    float64 while JAX float32 reaches 1.5e-5 on one pixel, docs/export.md)."""
+    import torch
+
+    from experiments.torch_twin import from_flax
     from unetpp_jax.data import load_split
 
     x = bundled.input_spec.normalize(load_split(progress=False).images[:1])
     proto = export.onnx_model(bundled.model, bundled.variables, input_spec=bundled.input_spec)
+    got = _run(proto, x)
     ref = predict_fn(bundled.model)(fold_batchnorm_variables(bundled.variables), x)
-    assert _max_diff(_run(proto, x), ref) < TOL
+    assert _max_diff(got, ref) < TOL
+    with torch.no_grad():
+        exact = from_flax(bundled.model, bundled.variables).double()(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)).double())
+    exact = [h.numpy().transpose(0, 2, 3, 1) for h in exact]
+    assert _max_diff(got, exact) < TOL
 
 
 def test_onnx_fp16_matches_jax_fp16(small):
