@@ -1,7 +1,7 @@
 """experiments.bench: a --quick run prints the table and writes a report with every section.
 
 The run is the smoke setting (32x32 input, batch 2, levels 1 and 4, 8 validation images), on a
-checkpoint written here without any compute (He-scaled random kernels, identity BatchNorm), so
+UNet++ of a quarter of the full widths (8 .. 128) whose checkpoint is written here without any compute (He-scaled random kernels, identity BatchNorm), so
 the MIoU path runs too. Its numbers are only checked for being present, positive and
 consistent with each other (ratios recomputed from the rows), not for speed.
 """
@@ -27,6 +27,8 @@ from unetpp_jax.model import WIDTHS, UNetPlusPlus
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
+NARROW = tuple(w // 4 for w in WIDTHS)  # (8, 16, 32, 64, 128)
+
 TIMING_FIELDS = {"batch", "images_per_s", "latency_ms", "compile_s", "median_s", "min_s", "max_s",
                  "repeats"}
 INFERENCE_FIELDS = TIMING_FIELDS | {"level", "xla_flops", "flops_ratio", "speedup", "efficiency",
@@ -35,8 +37,10 @@ INFERENCE_FIELDS = TIMING_FIELDS | {"level", "xla_flops", "flops_ratio", "speedu
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
-    """A 4-head UNet++ checkpoint with random weights, made from the abstract tree (no compile)."""
-    model = UNetPlusPlus()
+    """A 4-head UNet++ checkpoint with random weights, made from the abstract tree (no compile).
+    A quarter of the full widths: the bench reads the model from the checkpoint, so every
+    section compiles this narrower grid (compiling is most of a --quick run's time)."""
+    model = UNetPlusPlus(widths=NARROW)
     abstract = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), jnp.uint32),
                               jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
     rng = np.random.default_rng(0)
@@ -49,9 +53,26 @@ def random_checkpoint(tmp_path_factory):
 
     variables = jax.tree_util.tree_map_with_path(leaf, abstract)
     path = tmp_path_factory.mktemp("bench") / "random"
-    metadata = {"model": {"name": "UNetPlusPlus", "deep_supervision": True, "widths": list(WIDTHS),
+    metadata = {"model": {"name": "UNetPlusPlus", "deep_supervision": True, "widths": list(NARROW),
                           "num_classes": 1, "in_channels": 3}}
     return checkpoint.save_variables(path, variables, metadata)
+
+
+def nested_unet_params(w, in_channels=3, heads=4) -> int:
+    """Trainable parameters of UNET-ZOO's NestedUNet, counted by hand: node X(i,j) is two
+    conv3x3 (+bias) + BatchNorm (scale, shift) blocks of w[i] channels, reading the image or
+    the pooled X(i-1,0) when j = 0, else j earlier nodes of row i and X(i+1,j-1) upsampled; each
+    head is a 1x1 conv of w[0] channels."""
+    total = 0
+    for i in range(5):
+        for j in range(5 - i):
+            cin = (in_channels if i == 0 else w[i - 1]) if j == 0 else j * w[i] + w[i + 1]
+            total += (9 * cin * w[i] + 3 * w[i]) + (9 * w[i] * w[i] + 3 * w[i])
+    return total + heads * (w[0] + 1)
+
+
+def test_hand_count_is_unet_zoo_s_published_size():
+    assert nested_unet_params(WIDTHS) == 9_163_428  # UNET-ZOO's NestedUNet at 32..512
 
 
 def positive(x) -> bool:
@@ -195,7 +216,7 @@ def test_quick_run_reports_every_section(random_checkpoint, tmp_path, capsys):
             pooled = r["jax_images_per_s"] / r["images_per_s"]
             assert 0.5 * r["jax_over_pytorch_min"] <= pooled <= 2 * r["jax_over_pytorch_max"]
         cv = report["converter"]
-        assert positive(cv["first_s"]) and positive(cv["median_s"]) and cv["params"] == 9_163_428
+        assert positive(cv["first_s"]) and positive(cv["median_s"]) and cv["params"] == nested_unet_params(NARROW)
         assert set(cv["phases_s"]) == {"read", "map", "write", "total"}
         assert report["skipped"] == ({} if HAS_ORT else {"engines": report["skipped"]["engines"]})
     else:
