@@ -910,8 +910,18 @@ def load_best(workdir) -> tuple[UNetPlusPlus, dict]:
     step = _best_step(workdir)
     if step is None:
         raise FileNotFoundError(f"no best checkpoint in {workdir / 'checkpoints' / 'best'}")
-    mngr = ocp.CheckpointManager(workdir / "checkpoints" / "best",
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    from absl import logging as absl_logging
+
+    # A read-only manager makes orbax log two warnings ("read_only=True, setting create=False",
+    # "Given directory is read only") on every export; they say nothing to the user.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        mngr = ocp.CheckpointManager(workdir / "checkpoints" / "best",
+                                     options=ocp.CheckpointManagerOptions(read_only=True,
+                                                                          create=False))
+    finally:
+        absl_logging.set_verbosity(verbosity)
     try:
         return model, dict(mngr.restore(step, args=ocp.args.StandardRestore(abstract)))
     finally:
