@@ -1,10 +1,9 @@
 """experiments.eval end to end: fp32 parity with a PyTorch twin through the converter, fp16 and
-int8 emulation on a trained model, and the error paths."""
+int8 emulation on the bundled trained model, and the error paths."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,7 @@ from unetpp_jax import checkpoint, evaluate, metrics, quant
 from unetpp_jax.data.pipeline import load_split, normalize
 from unetpp_jax.model import UNetPlusPlus, init_variables
 from unetpp_jax.pretrained import model_description as model_metadata
-from unetpp_jax.train import TrainConfig, load_best, train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import synthetic_split  # noqa: E402
 
 
 def test_fp32_parity_with_pytorch_twin_through_converter(tmp_path):
@@ -79,30 +75,26 @@ def test_fp32_parity_with_pytorch_twin_through_converter(tmp_path):
     assert got["miou"] == got["miou_per_head"][3]
 
 
-@pytest.fixture(scope="module")
-def trained_small(tmp_path_factory):
-    """A small UNet++ trained on synthetic nuclei until it segments them well."""
-    cfg = TrainConfig(name="evaltest", widths=(8, 16, 32, 64, 128), image_size=48, batch_size=8,
-                      epochs=5, learning_rate=5e-3, schedule="cosine", bce_weight=0.5,
-                      dice_weight=1.0, shuffle=True, augment=True, eval_batch_size=8)
-    workdir = tmp_path_factory.mktemp("run")
-    train(cfg, workdir, synthetic_split(48, 48), synthetic_split(8, 48, seed=7), progress=False)
-    model, variables = load_best(workdir)
-    return model, variables, synthetic_split(48, 48, seed=11)
-
-
-def test_fp16_and_int8_emulation_stay_close_on_a_trained_model(trained_small):
-    model, variables, split = trained_small
+def test_fp16_and_int8_emulation_stay_close_on_a_trained_model(bundled):
+    """The bundled (trained) weights on 32 real validation images: fp16 and int8-KL move the
+    probabilities, but little, and the MIoU less than the card's own losses."""
+    model, variables = bundled.model, bundled.variables
+    split = load_split().take(list(range(32)))
     fp32 = evaluate.evaluate_precision(model, variables, split, "fp32")
     assert fp32.miou > 70.0, fp32.miou_per_head  # the model really is trained
     fp16 = evaluate.evaluate_precision(model, variables, split, "fp16")
-    assert float(np.abs(fp16.probs - fp32.probs).max()) < 1e-2
-    assert abs(fp16.miou - fp32.miou) < 0.1
-    assert float(np.abs(fp16.probs - fp32.probs).max()) > 0.0  # fp16 really ran in float16
-    calib = quant.calibrate(model, variables, normalize(split.images[:32]), method="kl")
+    d16 = np.abs(fp16.probs - fp32.probs)
+    # Measured: mean 9e-5, max 0.042 (one pixel on a steep sigmoid), 6e-5 of the masks flip.
+    assert 0.0 < d16.max() < 0.1 and d16.mean() < 1e-3  # fp16 really ran, and stayed close
+    assert ((fp16.probs >= 0.5) != (fp32.probs >= 0.5)).mean() < 1e-3
+    assert abs(fp16.miou - fp32.miou) < 0.05
+    calib = quant.calibrate(model, variables, normalize(split.images[:16]), method="kl")
     int8 = evaluate.evaluate_precision(model, variables, split, "int8", calibration=calib)
-    assert abs(int8.miou - fp32.miou) < 1.0
-    assert float(np.abs(int8.probs - fp32.probs).max()) > 1e-3  # int8 really quantized
+    d8 = np.abs(int8.probs - fp32.probs)
+    # Measured: mean 1.3e-3, 0.11 % of the masks flip, MIoU +0.01.
+    assert d8.max() > 1e-2 and d8.mean() < 1e-2  # int8 really quantized, and stayed close
+    assert ((int8.probs >= 0.5) != (fp32.probs >= 0.5)).mean() < 1e-2
+    assert abs(int8.miou - fp32.miou) < 0.5
     assert int8.to_json()["calibration"]["method"] == "kl"
 
 
