@@ -76,22 +76,22 @@ def test_fp32_parity_with_pytorch_twin_through_converter(tmp_path):
 
 
 def test_fp16_and_int8_emulation_stay_close_on_a_trained_model(bundled):
-    """The bundled (trained) weights on 32 real validation images: fp16 and int8-KL move the
+    """The bundled (trained) weights on 16 real validation images: fp16 and int8-KL move the
     probabilities, but little, and the MIoU less than the card's own losses."""
     model, variables = bundled.model, bundled.variables
-    split = load_split().take(list(range(32)))
+    split = load_split().take(list(range(16)))
     fp32 = evaluate.evaluate_precision(model, variables, split, "fp32")
     assert fp32.miou > 70.0, fp32.miou_per_head  # the model really is trained
     fp16 = evaluate.evaluate_precision(model, variables, split, "fp16")
     d16 = np.abs(fp16.probs - fp32.probs)
-    # Measured: mean 9e-5, max 0.042 (one pixel on a steep sigmoid), 6e-5 of the masks flip.
+    # Measured: mean 1.1e-4, max 0.028 (a pixel on a steep sigmoid), 7e-5 of the masks flip.
     assert 0.0 < d16.max() < 0.1 and d16.mean() < 1e-3  # fp16 really ran, and stayed close
     assert ((fp16.probs >= 0.5) != (fp32.probs >= 0.5)).mean() < 1e-3
     assert abs(fp16.miou - fp32.miou) < 0.05
-    calib = quant.calibrate(model, variables, normalize(split.images[:16]), method="kl")
+    calib = quant.calibrate(model, variables, normalize(split.images[:8]), method="kl")
     int8 = evaluate.evaluate_precision(model, variables, split, "int8", calibration=calib)
     d8 = np.abs(int8.probs - fp32.probs)
-    # Measured: mean 1.3e-3, 0.11 % of the masks flip, MIoU +0.01.
+    # Measured: mean 2.0e-3, 0.18 % of the masks flip, MIoU +0.09.
     assert d8.max() > 1e-2 and d8.mean() < 1e-2  # int8 really quantized, and stayed close
     assert ((int8.probs >= 0.5) != (fp32.probs >= 0.5)).mean() < 1e-2
     assert abs(int8.miou - fp32.miou) < 0.5
