@@ -100,7 +100,7 @@ def small(torch, torch_twin):
     model = UNetPlusPlus(widths=widths)
     twin = torch_twin.randomize_batchnorm(
         torch_twin.from_flax(model, init_variables(model)), calibration_shape=(2, 3, 16, 16))
-    x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 3)), np.float32)
+    x = np.array(jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16, 3)), np.float32)  # writable
     with torch.no_grad():
         ref = copy.deepcopy(twin).double()(torch.from_numpy(x).permute(0, 3, 1, 2).double())
     ref = [r.numpy().transpose(0, 2, 3, 1) for r in ref]
