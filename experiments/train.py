@@ -166,7 +166,8 @@ def main(argv=None) -> int:
         raise
     best = summary["best"]
     if best and primary:
-        print(f"best epoch {best['epoch']}: val MIoU {best['val_miou']:.3f} (head 4), per head "
+        print(f"best epoch {best['epoch']}: val MIoU {best['val_miou']:.3f} "
+              f"(head {len(best['val_miou_per_head'])}), per head "
               f"{[round(m, 3) for m in best['val_miou_per_head']]}; checkpoints in {workdir}/checkpoints")
     return 0
 

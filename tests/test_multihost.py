@@ -117,6 +117,7 @@ def test_two_processes_kill_resume_and_match_two_devices(tmp_path):
     out0, out1 = (logs / "b0.out").read_text(), (logs / "b1.out").read_text()
     assert "after epoch 1" in out0 and "resumed" in out0
     assert "epoch" not in out1  # logs are process 0's alone
+    assert "val MIoU" in out0 and "(head 2), per head" in out0  # the last head of a depth-2 grid
     # Each process read only its own part. 40 images = 32 train + 8 validation; the tiny config
     # trains on the first 16 (train_limit): two device shards of 8 rows; validation halves of 4.
     # Its cache holds exactly those ids, and no whole-folder entry.
