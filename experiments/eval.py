@@ -252,11 +252,27 @@ def _eval_classes(args, loaded, split, progress) -> int:
     pixel accuracy, per precision (x100 printed, fractions in the JSON)."""
     from unetpp_jax import quant
     from unetpp_jax.evaluate_classes import evaluate_classes, format_classes
+    from unetpp_jax.numerics import get_numerics, options_of
 
+    unsupported = [flag for flag, used in (("--sensitivity", args.sensitivity),
+                                           ("--keep-float", args.keep_float),
+                                           ("--save-overlays", args.save_overlays),
+                                           ("--calib-split train", args.calib_split == "train"))
+                   if used]
+    if unsupported:
+        print(f"error: {', '.join(unsupported)}: not available for a model with "
+              f"{loaded.model.num_classes} classes (binary models only); drop the flag",
+              file=sys.stderr)
+        return 2
     head = loaded.model.num_heads if args.head in ("all", "last") else int(args.head)
     payload = []
     for p in _precisions(args.precision):
         calibration = None
+        options = ({"skip_first_conv": args.skip_first_conv,
+                    "requantize_concat_inputs": args.requantize_concat,
+                    "execution": args.execution} if p == "int8" else
+                   {"execution": args.execution} if p in ("fp16", "bf16") else {})
+        numerics = get_numerics(p, **options)
         if p == "int8":
             n = min(args.calib_images, len(split))
             calibration = quant.load_or_calibrate(
@@ -264,12 +280,12 @@ def _eval_classes(args, loaded, split, progress) -> int:
                 loaded.input_spec.normalize(split.images[:n]), args.calibration,
                 recalibrate=args.recalibrate)
         result = evaluate_classes(loaded.model, loaded.variables, split, head=head,
-                                  input_spec=loaded.input_spec, precision=p,
+                                  input_spec=loaded.input_spec, precision=numerics,
                                   calibration=calibration, batch_size=args.batch_size)
         print(f"{p}: {format_classes(result)} ({len(split)} images, head {head})", flush=True)
         result.pop("confusion", None)
-        payload.append({"precision": p, "head": head, "n_images": len(split),
-                        "checkpoint": loaded.name, **result})
+        payload.append({"precision": p, "options": options_of(numerics), "head": head,
+                        "n_images": len(split), "checkpoint": loaded.name, **result})
     if args.json:
         from unetpp_jax.files import write_text_atomic
 

@@ -183,3 +183,20 @@ def test_multiclass_eval_on_a_folder_dataset_reports_pooled_class_iou(tmp_path, 
     np.testing.assert_allclose(got["class_iou"], ious, rtol=1e-9)
     np.testing.assert_allclose(got["miou_classes"], np.mean(ious), rtol=1e-9)
     np.testing.assert_allclose(got["pixel_accuracy"], np.mean(pred == split.masks), rtol=1e-9)
+    # int8 natively (int8 x int8 -> int32 convs): the options reach the multi-class path and
+    # the JSON; its class metrics agree with the emulated int8 (the same grids).
+    base = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"), "--split", "all",
+            "--precision", "int8", "--calibration", "max", "--calib-images", "2", "--no-progress"]
+    runs = {}
+    for execution in ("emulated", "native"):
+        out = tmp_path / f"{execution}.json"
+        assert eval_cli.main(base + ["--execution", execution, "--json", str(out)]) == 0
+        runs[execution] = json.loads(out.read_text())
+        assert runs[execution]["options"]["execution"] == execution
+    np.testing.assert_allclose(runs["native"]["class_iou"], runs["emulated"]["class_iou"],
+                               atol=0.01)
+    # What the multi-class path does not do is refused, not silently ignored.
+    capsys.readouterr()
+    assert eval_cli.main(base + ["--sensitivity"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sensitivity" in err and "3 classes" in err
