@@ -68,28 +68,31 @@ def _calibration_bar(log):
     return progress
 
 
-def _calibrate(args, loaded, log):
-    """The int8 scales: ``quant.load_or_calibrate`` where the package has it (a saved
-    calibration of the checkpoint is reused), else ``quant.calibrate``."""
-    from unetpp_jax import quant
-    from unetpp_jax.data import load_split
+def _validation_split(args, loaded):
+    """The validation split the int8 calibration and --check read, at the checkpoint's input
+    size as experiments.eval loads it (the bundled split, the default, exists at 96 only)."""
+    from unetpp_jax.data.registry import load_dataset
 
-    split = load_split(args.calib_data, "validation", progress=False)
+    size = loaded.input_spec.size[0] if loaded.input_spec.size and args.calib_data else 96
+    return load_dataset(args.calib_data, "validation", size, progress=False)
+
+
+def _calibrate(args, loaded, log):
+    """The int8 scales, through ``quant.load_or_calibrate``: the checkpoint's saved calibration
+    of the same weights, images and method is reused, else one is computed and saved."""
+    from unetpp_jax import quant
+
+    split = _validation_split(args, loaded)
     n = min(args.calib_images, len(split))
     images = loaded.input_spec.normalize(split.images[:n])
     log(f"calibrating int8 ({args.calibration}, {n} validation images; about a minute per "
         "pass on a small CPU)")
-    if hasattr(quant, "load_or_calibrate"):  # reuses (and saves) the checkpoint's calibration
-        calib = quant.load_or_calibrate(args.checkpoint_path, loaded.model, loaded.variables,
-                                        images, args.calibration,
-                                        progress=_calibration_bar(log),
-                                        recalibrate=args.recalibrate, log=log)
-        if getattr(calib, "reused", False):
-            log(f"reusing the saved calibration {getattr(calib, 'path', '')}")
-            return calib
-    else:
-        calib = quant.calibrate(loaded.model, loaded.variables, images, method=args.calibration,
-                                progress=_calibration_bar(log))
+    calib = quant.load_or_calibrate(args.checkpoint_path, loaded.model, loaded.variables,
+                                    images, args.calibration, progress=_calibration_bar(log),
+                                    recalibrate=args.recalibrate, log=log)
+    if calib.reused:
+        log(f"reusing the saved calibration {calib.path}")
+        return calib
     log(f"calibrated in {calib.seconds:.1f} s")
     return calib
 
@@ -181,11 +184,10 @@ def _check(args, path, model, loaded, scales, level, log) -> None:
     import numpy as np
 
     from unetpp_jax import export
-    from unetpp_jax.data import load_split
     from unetpp_jax.inference import fold_batchnorm_variables, predict_fn
     from unetpp_jax.numerics import with_numerics
 
-    split = load_split(args.calib_data, "validation", progress=False)
+    split = _validation_split(args, loaded)
     images = loaded.input_spec.normalize(split.images[:4])
     if args.format == "stablehlo" and images.shape[1:3] != _stablehlo_size(args, loaded, model):
         h, w = _stablehlo_size(args, loaded, model)  # other size: random images of that size
@@ -233,7 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-images", type=int, default=50,
                     help="int8: calibration images, the first N of the validation split "
                          "(default 50)")
-    ap.add_argument("--calib-data", help="int8 calibration data (load_split source; default "
+    ap.add_argument("--calib-data", help="int8 calibration (and --check) data: a dataset source as "
+                    "experiments.eval --data, read at the checkpoint's input size (default: "
                     "the bundled 96x96 validation split)")
     ap.add_argument("--recalibrate", action="store_true",
                     help="int8: calibrate again even if a saved calibration matches")
