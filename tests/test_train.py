@@ -229,8 +229,10 @@ def run_cli(args, *, cwd, env, timeout=400, python_code=None):
 
 
 def tiny_args(data: Path, *more: str) -> list[str]:
-    return ["--config", "tiny", "--data", str(data), "--set", "image_size=16", "--no-progress",
-            *more]
+    # The tiny config at 16 px on a depth-2 grid: these tests are about the workdir protocol,
+    # and each CLI launch is mostly its compile (about half of the depth-4 grid's).
+    return ["--config", "tiny", "--data", str(data), "--set", "image_size=16",
+            "--set", "widths=(4, 8, 16)", "--no-progress", *more]
 
 
 @pytest.fixture(scope="module")
