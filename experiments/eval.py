@@ -162,9 +162,7 @@ def main(argv=None) -> int:
         print(f"error: --head {args.head}: the checkpoint has heads 1..{n_heads} "
               "(or use 'last' / 'all')", file=sys.stderr)
         return 2
-    int8_options = {"skip_first_conv": args.skip_first_conv,
-                    "requantize_concat_inputs": args.requantize_concat,
-                    "execution": args.execution}
+    int8_options = _precision_options(args, "int8")
 
     calibration = None
     if any(get_numerics(p).needs_calibration for p in precisions):
@@ -202,8 +200,7 @@ def main(argv=None) -> int:
 
     results = []
     for p in precisions:
-        options = (int8_options if get_numerics(p).needs_calibration else
-                   {"execution": args.execution} if p in ("fp16", "bf16") else {})
+        options = int8_options if p == "int8" else _precision_options(args, p)
         r = evaluate.evaluate_precision(
             model, variables, split, p, head=head, calibration=calibration,
             checkpoint=loaded.name, batch_size=args.batch_size, progress=progress,
@@ -247,6 +244,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _precision_options(args, precision: str) -> dict:
+    """The numerics options the command line sets for ``precision``."""
+    if precision == "int8":
+        return {"skip_first_conv": args.skip_first_conv,
+                "requantize_concat_inputs": args.requantize_concat, "execution": args.execution}
+    return {"execution": args.execution} if precision in ("fp16", "bf16") else {}
+
+
 def _eval_classes(args, loaded, split, progress) -> int:
     """A multi-class model: per-class IoU from one pooled confusion matrix, their mean and the
     pixel accuracy, per precision (x100 printed, fractions in the JSON)."""
@@ -268,11 +273,7 @@ def _eval_classes(args, loaded, split, progress) -> int:
     payload = []
     for p in _precisions(args.precision):
         calibration = None
-        options = ({"skip_first_conv": args.skip_first_conv,
-                    "requantize_concat_inputs": args.requantize_concat,
-                    "execution": args.execution} if p == "int8" else
-                   {"execution": args.execution} if p in ("fp16", "bf16") else {})
-        numerics = get_numerics(p, **options)
+        numerics = get_numerics(p, **_precision_options(args, p))
         if p == "int8":
             n = min(args.calib_images, len(split))
             calibration = quant.load_or_calibrate(
