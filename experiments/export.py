@@ -85,8 +85,8 @@ def _calibrate(args, loaded, log):
     split = _validation_split(args, loaded)
     n = min(args.calib_images, len(split))
     images = loaded.input_spec.normalize(split.images[:n])
-    log(f"calibrating int8 ({args.calibration}, {n} validation images; about a minute per "
-        "pass on a small CPU)")
+    log(f"int8 calibration ({args.calibration}, {n} validation images): a saved one is reused, "
+        "else it runs, about a minute per pass on a small CPU")
     calib = quant.load_or_calibrate(args.checkpoint_path, loaded.model, loaded.variables,
                                     images, args.calibration, progress=_calibration_bar(log),
                                     recalibrate=args.recalibrate, log=log)

@@ -16,8 +16,9 @@
 * Orbax ``CheckpointManager``: ``<workdir>/checkpoints/last`` every epoch (resume point) and
   ``<workdir>/checkpoints/best`` (the best validation MIoU of the last head, as UNET-ZOO
   keeps). The data order is a function of ``(seed, epoch)``, so a run killed at any moment
-  resumes from the last finished epoch and sees exactly the batches it would have seen. What survives a kill -9 or a
-  full disk, and how, is in docs/training.md (:func:`train` keeps the invariants).
+  resumes from the last finished epoch and sees exactly the batches it would have seen. What
+  survives a kill -9 or a full disk, and how, is in docs/training.md (:func:`train` keeps the
+  invariants).
 * Per-epoch metrics go to ``<workdir>/metrics.jsonl`` and ``metrics.csv``; ``curves.png`` at the
   end; every file is written atomically (temporary file, fsync, rename).
 * One training per workdir: ``<workdir>/.lock`` (``fcntl.flock``, holding pid/host/start time).
